@@ -1,0 +1,3 @@
+"""Streaming cascade inference: cheap online tiers that imitate an LLM, with learned deferral."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,246 @@
+"""The one configuration model of the whole system.
+
+Loaded from a YAML file (``CASCADE_CONFIG`` or ``--config``) and overridden by
+environment variables named ``CASCADE_<SECTION>__<FIELD>`` (for example
+``CASCADE_KAFKA__BOOTSTRAP_SERVERS=broker:9092``). Invalid values fail at start
+with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV = "CASCADE_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskConfig(_Section):
+    """What is being answered: the label set and where the text lives in an event."""
+
+    name: str = "isear"
+    labels: list[str] = Field(
+        default_factory=lambda: ["joy", "sadness", "anger", "guilt", "shame", "fear", "disgust"],
+        min_length=2,
+    )
+    text_field: str = Field("text", description="dotted path to the text inside the event JSON")
+    id_field: str = Field("id", description="dotted path to the event id inside the event JSON")
+    # An LLM answer is mapped onto the label set by case-insensitive match or this alias table.
+    label_aliases: dict[str, str] = Field(default_factory=dict)
+    max_text_chars: int = Field(20_000, gt=0)
+    instructions: str = Field(
+        "Classify the text into exactly one of the labels.",
+        description="task description used by prompting LLM backends",
+    )
+
+    @model_validator(mode="after")
+    def _labels_unique(self) -> "TaskConfig":
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be unique")
+        unknown = {v for v in self.label_aliases.values() if v not in self.labels}
+        if unknown:
+            raise ValueError(f"label_aliases map onto unknown labels: {sorted(unknown)}")
+        return self
+
+
+class FeatureConfig(_Section):
+    """Hashed bag of word n-grams shared by the cheap tiers."""
+
+    n_features: int = Field(2**20, gt=0, description="hash space size")
+    ngram_max: int = Field(2, ge=1, le=4)
+    char_ngrams: tuple[int, int] | None = Field(
+        None, description="optional (min, max) character n-gram lengths inside words"
+    )
+    lowercase: bool = True
+
+
+class TierConfig(_Section):
+    name: str
+    kind: Literal["logistic", "onnx"] = "logistic"
+    cost: float = Field(1.0, ge=0, description="cost of one call, in the same unit as the LLM's cost")
+    learning_rate: float = Field(0.1, gt=0)
+    l2: float = Field(0.0, ge=0)
+    # Passes over a bounded replay buffer of recent demonstrations each time the tier learns:
+    # imitation from few demonstrations converges much faster with a little rehearsal.
+    replay_buffer: int = Field(0, ge=0)
+    replay_per_demo: int = Field(0, ge=0)
+    warmup_demonstrations: int | None = Field(None, ge=0, description="overrides deferral.warmup")
+
+
+class DeferralConfig(_Section):
+    """The learned deferral policy (Nie et al., ICML 2024), shared by every cheap tier."""
+
+    mu: float = Field(
+        1.0,
+        ge=0,
+        description="price of one LLM call in units of disagreement with the LLM; higher answers more cheaply",
+    )
+    warmup: int = Field(200, ge=0, description="demonstrations before a tier may answer at all")
+    learning_rate: float = Field(0.05, gt=0)
+    exploration_max: float = Field(0.3, ge=0, le=1)
+    exploration_min: float = Field(0.02, ge=0, le=1)
+    exploration_halflife: int = Field(
+        500, gt=0, description="demonstrations after which exploration has decayed halfway to its floor"
+    )
+    drift_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence on the agreement stream")
+    # Per-tier decision thresholds set by a replay sweep override the mu rule when present.
+    threshold_overrides: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _exploration_order(self) -> "DeferralConfig":
+        if self.exploration_min > self.exploration_max:
+            raise ValueError("exploration_min must not exceed exploration_max")
+        return self
+
+
+class LLMConfig(_Section):
+    backend: Literal["recorded", "openai"] = "recorded"
+    name: str = Field("gpt-3.5-turbo-1106", description="model name; for recorded answers, the key in the event's llm map")
+    cost: float = Field(100.0, gt=0, description="cost of one call, same unit as tier costs")
+    recorded_path: Path | None = Field(None, description="file with recorded answers (ids → answers)")
+    recorded_field: str = Field("llm", description="event field carrying recorded answers")
+    max_retries: int = Field(5, ge=0)
+    retry_backoff_s: float = Field(0.5, gt=0)
+    concurrency: int = Field(8, gt=0)
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = "cascade."
+    partitions: int = Field(4, gt=0)
+    replication_factor: int = Field(1, gt=0)
+    session_timeout_ms: int = Field(6000, gt=0)
+    heartbeat_interval_ms: int = Field(1000, gt=0)
+    max_poll_records: int = Field(256, gt=0)
+    batch_size: int = Field(64, gt=0, description="events per model batch in a tier worker")
+    max_event_bytes: int = Field(100_000, gt=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_below_session(self) -> "KafkaConfig":
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
+        return self
+
+
+class RedisConfig(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "cascade:"
+    socket_timeout_s: float = Field(1.0, gt=0)
+
+
+class StateConfig(_Section):
+    backend: Literal["memory", "redis"] = "memory"
+    cache_ttl_s: int = Field(7 * 24 * 3600, gt=0)
+    cache_cheap_answers: bool = False
+    idempotency_ttl_s: int = Field(7 * 24 * 3600, gt=0)
+    registry_keep: int = Field(5, gt=0, description="model versions kept per tier")
+
+
+class BudgetConfig(_Section):
+    calls_per_minute: int | None = Field(None, gt=0)
+    calls_per_hour: int | None = Field(None, gt=0)
+    calls_per_day: int | None = Field(None, gt=0)
+    tokens_per_day: int | None = Field(None, gt=0)
+    money_per_day: float | None = Field(None, gt=0)
+    on_exhausted: Literal["cheap_tier", "hold"] = "cheap_tier"
+    fail_closed: bool = Field(False, description="refuse LLM calls when the budget store is unreachable")
+
+
+class ServerConfig(_Section):
+    metrics_port: int = Field(9100, ge=0, le=65535)
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "INFO"
+
+
+def _default_tiers() -> list[TierConfig]:
+    return [TierConfig(name="logistic", kind="logistic", cost=1.0)]
+
+
+class CascadeConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CASCADE_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    seed: int = 0
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
+    tiers: list[TierConfig] = Field(default_factory=_default_tiers, min_length=1)
+    deferral: DeferralConfig = Field(default_factory=DeferralConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _tier_names_unique(self) -> "CascadeConfig":
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names) or "llm" in names:
+            raise ValueError("tier names must be unique and must not be 'llm'")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats explicit values (from YAML), so a deployment can override one field.
+        return env_settings, init_settings
+
+
+class ConfigError(Exception):
+    """Configuration that cannot start the system; the message names the offending fields."""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {field}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> CascadeConfig:
+    """Load the config from YAML (``path`` or ``$CASCADE_CONFIG``), then the environment."""
+    path = path or os.environ.get(CONFIG_ENV)
+    data: dict[str, Any] = {}
+    source = "defaults and environment"
+    if path:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    data = _deep_merge(data, overrides)
+    try:
+        return CascadeConfig(**data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from e
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
