@@ -35,6 +35,9 @@ class TaskConfig(_Section):
     id_field: str = Field("id", description="dotted path to the event id inside the event JSON")
     # An LLM answer is mapped onto the label set by case-insensitive match or this alias table.
     label_aliases: dict[str, str] = Field(default_factory=dict)
+    # The cost of a cheap answer that misses a label the LLM would have given, per label (default 1).
+    # Raising it for a rare class (hate speech) makes tiers defer whenever that class is plausible.
+    miss_costs: dict[str, float] = Field(default_factory=dict)
     max_text_chars: int = Field(20_000, gt=0)
     instructions: str = Field(
         "Classify the text into exactly one of the labels.",
@@ -45,9 +48,13 @@ class TaskConfig(_Section):
     def _labels_unique(self) -> "TaskConfig":
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
-        unknown = {v for v in self.label_aliases.values() if v not in self.labels}
+        unknown = {v for v in self.label_aliases.values() if v not in self.labels} | (
+            set(self.miss_costs) - set(self.labels)
+        )
         if unknown:
-            raise ValueError(f"label_aliases map onto unknown labels: {sorted(unknown)}")
+            raise ValueError(f"label_aliases or miss_costs name unknown labels: {sorted(unknown)}")
+        if any(c <= 0 for c in self.miss_costs.values()):
+            raise ValueError("miss_costs must be positive")
         return self
 
 
@@ -66,12 +73,11 @@ class TierConfig(_Section):
     name: str
     kind: Literal["logistic", "onnx"] = "logistic"
     cost: float = Field(1.0, ge=0, description="cost of one call, in the same unit as the LLM's cost")
-    learning_rate: float = Field(0.1, gt=0)
+    # AdaGrad's per-feature step sizes suit sparse text: on ISEAR it imitates the LLM as well
+    # from one pass as SGD does with four rehearsals of every demonstration (docs/benchmarks.md).
+    optimizer: Literal["adagrad", "sgd"] = "adagrad"
+    learning_rate: float = Field(1.0, gt=0)
     l2: float = Field(0.0, ge=0)
-    # Passes over a bounded replay buffer of recent demonstrations each time the tier learns:
-    # imitation from few demonstrations converges much faster with a little rehearsal.
-    replay_buffer: int = Field(0, ge=0)
-    replay_per_demo: int = Field(0, ge=0)
     warmup_demonstrations: int | None = Field(None, ge=0, description="overrides deferral.warmup")
 
 
@@ -84,7 +90,7 @@ class DeferralConfig(_Section):
         description="price of one LLM call in units of disagreement with the LLM; higher answers more cheaply",
     )
     warmup: int = Field(200, ge=0, description="demonstrations before a tier may answer at all")
-    learning_rate: float = Field(0.05, gt=0)
+    learning_rate: float = Field(0.3, gt=0)
     exploration_max: float = Field(0.3, ge=0, le=1)
     exploration_min: float = Field(0.02, ge=0, le=1)
     exploration_halflife: int = Field(

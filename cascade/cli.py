@@ -1,0 +1,108 @@
+"""The ``cascade`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cascade.config import CascadeConfig, ConfigError, load_config
+from cascade.logging import configure_logging, get_logger
+
+log = get_logger("cascade.cli")
+
+
+def _config(args: argparse.Namespace, **overrides: Any) -> CascadeConfig:
+    """Load the config (YAML, then environment, then command-line overrides) and set up logging."""
+    config = load_config(args.config, **overrides)
+    configure_logging(args.log_format or config.server.log_format, config.server.log_level)
+    return config
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from cascade.evaluation.data import labels_of, read_stream
+    from cascade.evaluation.simulate import simulate
+
+    rows = read_stream(args.data, shuffle_seed=args.shuffle_seed, limit=args.limit)
+    overrides: dict[str, Any] = {"llm": {"name": args.llm, "backend": "recorded"}}
+    if args.mu is not None:
+        overrides["deferral"] = {"mu": args.mu}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if not args.config:  # no task configured: the stream's own label set
+        overrides["task"] = {"name": Path(args.data).name.split(".")[0], "labels": sorted(labels_of(rows))}
+    if args.miss_cost:
+        overrides.setdefault("task", {})["miss_costs"] = dict(_key_value(kv) for kv in args.miss_cost)
+    config = _config(args, **overrides)
+    report = simulate(config, rows, batch_size=args.batch_size, progress=not args.quiet)
+    if args.json:
+        sys.stdout.write(report.model_dump_json() + "\n")
+    else:
+        _print_report(report)
+    return 0
+
+
+def _key_value(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return key, float(value)
+    except ValueError:
+        raise ConfigError(f"expected LABEL=NUMBER, got {text!r}") from None
+
+
+def _print_report(report: Any) -> None:
+    print(f"events            {report.events}")
+    print(f"LLM calls         {report.llm_calls} ({report.llm_call_fraction:.1%})")
+    print(f"accuracy          {report.accuracy:.4f}   (LLM alone {report.llm_accuracy:.4f})")
+    print(f"agreement w/ LLM  {report.agreement_with_llm:.4f}")
+    print(f"macro-F1          {report.macro_f1:.4f}")
+    print(f"events/second     {report.events_per_second:,.0f}")
+    print("per tier:")
+    for name, t in report.per_tier.items():
+        acc = "-" if t.accuracy is None else f"{t.accuracy:.4f}"
+        print(f"  {name:<12} answered {t.answered:>7} ({t.fraction:6.1%})  accuracy {acc}")
+    print("per class (precision / recall):")
+    for name, c in report.per_class.items():
+        print(f"  {name:<12} {c.precision:.3f} / {c.recall:.3f}  (support {c.support})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cascade", description="Streaming cascade inference")
+    p.add_argument("--config", help="YAML config file (default: $CASCADE_CONFIG); env CASCADE_* overrides it")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default=None)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="stream a recorded file through the in-process cascade")
+    s.add_argument("--data", required=True, type=Path, help="file in the ../shared/data format (.jsonl or .jsonl.gz)")
+    s.add_argument("--llm", required=True, help="whose recorded answers play the LLM, e.g. gpt-3.5-turbo-1106")
+    s.add_argument("--shuffle-seed", type=int, default=None, help="shuffle the rows with this seed (default: file order)")
+    s.add_argument("--mu", type=float, default=None, help="cost weight of an LLM call (overrides the config)")
+    s.add_argument("--miss-cost", action="append", metavar="LABEL=COST",
+                   help="cost of a cheap answer missing LABEL, relative to 1 (repeatable)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--limit", type=int, default=None, help="only the first N events")
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--json", action="store_true", help="print one JSON report on stdout")
+    s.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    s.set_defaults(func=cmd_simulate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The learned deferral policy of one cheap tier (Nie et al., ICML 2024, imitation learning).
+
+It predicts p = P(the tier's answer agrees with the LLM | confidence features), trained only
+on events the LLM answered (the expert's demonstrations). The tier answers when the expected
+disagreement of answering, 1 - p, is at most the expected loss of deferring:
+``defer_disagreement + mu * defer_cost`` (costs in units of one LLM call). A decaying
+exploration rate still sends some answerable events to the LLM so demonstrations keep covering
+the events the tier answers; drift in the agreement stream (ADWIN) resets it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from river import drift, linear_model, optim
+
+from cascade.config import DeferralConfig
+from cascade.tiers.base import decode_snapshot, encode_snapshot
+
+
+@dataclass
+class DeferralCost:
+    """Expected consequences of passing an event up from this tier, per event deferred."""
+
+    cost: float = 1.0  # in LLM calls: the next tiers' costs plus the LLM's share
+    disagreement: float = 0.0  # with the LLM, of the answers the tiers above would give
+
+
+class DeferralPolicy:
+    kind = "deferral"
+
+    def __init__(self, tier: str, config: DeferralConfig, warmup: int | None = None) -> None:
+        self.tier = tier
+        self.config = config
+        self.warmup = config.warmup if warmup is None else warmup
+        self.model = linear_model.LogisticRegression(
+            optimizer=optim.AdaGrad(config.learning_rate), intercept_lr=config.learning_rate
+        )
+        self.adwin = drift.ADWIN(delta=config.drift_delta)
+        self.demonstrations = 0
+        self.since_drift = 0
+        self.drifts = 0
+        self.defer_cost = DeferralCost()
+        self.version = 0
+
+    # -- deciding -------------------------------------------------------------------------
+    def warm(self, tier_version: int) -> bool:
+        return tier_version >= self.warmup
+
+    def p_agree(self, features: np.ndarray) -> np.ndarray:
+        if self.demonstrations == 0:
+            return np.zeros(len(features))
+        return np.array(
+            [self.model.predict_proba_one(dict(enumerate(row))).get(True, 0.0) for row in features]
+        )
+
+    def threshold(self, mu: float, override: float | None = None) -> float:
+        """Largest expected disagreement (1 - p) at which the tier still answers."""
+        if override is not None:
+            return override
+        return self.defer_cost.disagreement + mu * self.defer_cost.cost
+
+    def exploration(self) -> float:
+        c = self.config
+        return c.exploration_min + (c.exploration_max - c.exploration_min) * 0.5 ** (
+            self.since_drift / c.exploration_halflife
+        )
+
+    # -- learning -------------------------------------------------------------------------
+    def learn(self, features: np.ndarray, agree: Sequence[bool]) -> None:
+        # Explored events are not up-weighted by 1 / exploration rate (inverse propensity): on
+        # ISEAR the variance of those weights cost more accuracy than the bias they remove.
+        for row, ok in zip(features, agree):
+            self.model.learn_one(dict(enumerate(row)), bool(ok))
+            before = self.adwin.estimation
+            self.adwin.update(1.0 if ok else 0.0)
+            # Only a drop in agreement means the tier got worse; a rise needs no extra exploration.
+            if self.adwin.drift_detected and self.adwin.estimation < before:
+                self.since_drift = 0
+                self.drifts += 1
+            else:
+                self.since_drift += 1
+            self.demonstrations += 1
+        self.version = self.demonstrations
+
+    @property
+    def agreement(self) -> float:
+        return float(self.adwin.estimation)
+
+    # -- snapshots ------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "adwin": self.adwin,
+            "demonstrations": self.demonstrations,
+            "since_drift": self.since_drift,
+            "drifts": self.drifts,
+            "defer_cost": self.defer_cost,
+        }
+
+    def snapshot(self) -> bytes:
+        return encode_snapshot(self.kind, self.version, {"tier": self.tier, **self._state()})
+
+    def restore(self, blob: bytes) -> None:
+        version, state = decode_snapshot(blob, self.kind)
+        if state.pop("tier") != self.tier:
+            raise ValueError(f"snapshot is not of the policy of tier {self.tier!r}")
+        for key, value in state.items():
+            setattr(self, key, value)
+        self.version = version

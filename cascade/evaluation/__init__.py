@@ -1,0 +1,1 @@
+"""Running recorded streams through the cascade and scoring it against gold labels."""

@@ -1,0 +1,124 @@
+"""Scores of a run: accuracy against gold, agreement with the LLM, macro-F1, per tier and per class."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class TierScore(BaseModel):
+    answered: int
+    fraction: float
+    accuracy: float | None
+
+
+class ClassScore(BaseModel):
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class Report(BaseModel):
+    events: int
+    llm_calls: int
+    llm_call_fraction: float
+    accuracy: float
+    llm_accuracy: float
+    agreement_with_llm: float
+    macro_f1: float
+    per_tier: dict[str, TierScore]
+    per_class: dict[str, ClassScore]
+    llm_unusable: int
+    explored: int
+    missing_llm_answers: int
+    total_cost: float
+    events_per_second: float
+    seconds: float
+    config: dict[str, Any] = {}
+
+
+def _f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def per_class_scores(labels: list[str], gold: list[str | None], pred: list[str | None]) -> dict[str, ClassScore]:
+    tp: Counter[str] = Counter()
+    fp: Counter[str] = Counter()
+    support: Counter[str] = Counter()
+    for g, p in zip(gold, pred):
+        if g is not None:
+            support[g] += 1
+        if p is not None and p == g:
+            tp[p] += 1
+        elif p is not None:
+            fp[p] += 1
+    out = {}
+    for label in labels:
+        precision = tp[label] / (tp[label] + fp[label]) if tp[label] + fp[label] else 0.0
+        recall = tp[label] / support[label] if support[label] else 0.0
+        out[label] = ClassScore(precision=precision, recall=recall, f1=_f1(precision, recall), support=support[label])
+    return out
+
+
+class Scorer:
+    """Accumulates one run's outcomes; an answer of None (no usable answer) counts as wrong."""
+
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = labels
+        self.gold: list[str | None] = []
+        self.pred: list[str | None] = []
+        self.llm_pred: list[str | None] = []
+        self.tiers: list[str] = []
+        self.llm_calls = 0
+        self.llm_unusable = 0
+        self.explored = 0
+        self.missing_llm = 0
+        self.cost = 0.0
+
+    def add(self, gold: str | None, pred: str | None, tier: str, llm_alone: str | None, called_llm: bool,
+            unusable: bool, explored: bool, cost: float, llm_missing: bool = False) -> None:
+        self.gold.append(gold)
+        self.pred.append(pred)
+        self.llm_pred.append(llm_alone)
+        self.tiers.append(tier)
+        self.llm_calls += called_llm
+        self.llm_unusable += unusable
+        self.explored += explored
+        self.missing_llm += llm_missing
+        self.cost += cost
+
+    def report(self, seconds: float, config: dict[str, Any] | None = None) -> Report:
+        n = len(self.gold)
+        acc = lambda a, b: sum(x is not None and x == y for x, y in zip(a, b)) / max(len(a), 1)  # noqa: E731
+        per_class = per_class_scores(self.labels, self.gold, self.pred)
+        by_tier: dict[str, list[int]] = defaultdict(list)
+        for i, t in enumerate(self.tiers):
+            by_tier[t].append(i)
+        per_tier = {
+            t: TierScore(
+                answered=len(ix), fraction=len(ix) / max(n, 1),
+                accuracy=sum(self.pred[i] is not None and self.pred[i] == self.gold[i] for i in ix) / len(ix),
+            )
+            for t, ix in by_tier.items()
+        }
+        return Report(
+            events=n,
+            llm_calls=self.llm_calls,
+            llm_call_fraction=self.llm_calls / max(n, 1),
+            accuracy=acc(self.pred, self.gold),
+            llm_accuracy=acc(self.llm_pred, self.gold),
+            agreement_with_llm=acc(self.pred, self.llm_pred),
+            macro_f1=sum(c.f1 for c in per_class.values()) / max(len(per_class), 1),
+            per_tier=per_tier,
+            per_class=per_class,
+            llm_unusable=self.llm_unusable,
+            explored=self.explored,
+            missing_llm_answers=self.missing_llm,
+            total_cost=self.cost,
+            events_per_second=n / seconds if seconds > 0 else 0.0,
+            seconds=seconds,
+            config=config or {},
+        )

@@ -1,0 +1,49 @@
+"""``cascade simulate``: stream a recorded file through the in-process cascade and score it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from cascade.config import CascadeConfig
+from cascade.evaluation.data import LabelledEvent, batches, read_stream
+from cascade.evaluation.progress import Progress
+from cascade.evaluation.report import Report, Scorer
+from cascade.routing.cascade import Cascade
+from cascade.tiers.llm import RecordedAnswers
+
+
+def simulate(
+    config: CascadeConfig,
+    rows: list[LabelledEvent],
+    batch_size: int = 1,
+    progress: bool = True,
+) -> Report:
+    cascade = Cascade(config)
+    recorded = cascade.llm if isinstance(cascade.llm, RecordedAnswers) else None
+    scorer = Scorer(cascade.task.labels)
+    bar = Progress(len(rows), "simulate", enabled=progress)
+    start = time.perf_counter()
+    done = 0
+    for batch in batches(rows, batch_size):
+        outcomes = cascade.process([r.event for r in batch])
+        for row, out in zip(batch, outcomes):
+            d = out.decision
+            llm_alone = cascade.task.map_answer(recorded.recorded(row.event)[1]) if recorded else None
+            scorer.add(
+                gold=row.gold, pred=d.label, tier=d.tier, llm_alone=llm_alone,
+                called_llm=d.reason in ("llm", "llm_unusable"),
+                unusable=d.reason == "llm_unusable", explored=d.explored, cost=d.cost,
+            )
+        done += len(batch)
+        bar.update(done, f"llm {scorer.llm_calls / done:.2f}")
+    seconds = time.perf_counter() - start
+    return scorer.report(seconds, {"mu": config.deferral.mu, "llm": config.llm.name, "seed": config.seed})
+
+
+def simulate_file(
+    config: CascadeConfig, path: Path, shuffle_seed: int | None = None, limit: int | None = None,
+    batch_size: int = 1, progress: bool = True,
+) -> Report:
+    rows = read_stream(path, shuffle_seed=shuffle_seed, limit=limit)
+    return simulate(config, rows, batch_size=batch_size, progress=progress)

@@ -1,0 +1,81 @@
+"""Messages that cross a boundary (topics, the state store, the CLI): one pydantic model each."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Event(Message):
+    """A user's event, validated: its id, its text, and the original JSON payload."""
+
+    id: str
+    text: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+DecisionReason = Literal[
+    "tier",  # a cheap tier's policy accepted
+    "llm",  # the LLM answered
+    "cache",  # a cached decision answered before any tier ran
+    "llm_unusable",  # the LLM gave no usable answer; the best cheap answer stands, if any
+    "budget_exhausted",  # the LLM budget was exhausted; the best cheap answer stands
+]
+
+
+class Decision(Message):
+    event_id: str
+    label: str | None
+    tier: str
+    confidence: float
+    reason: DecisionReason
+    explored: bool = False
+    model_versions: dict[str, int] = Field(default_factory=dict)
+    cost: float = 0.0
+    ts: float = Field(default_factory=time.time)
+
+
+class TierOutput(Message):
+    """What one cheap tier said about an event; carried up the cascade for the next policies."""
+
+    tier: str
+    version: int
+    probs: list[float]
+    policy_features: list[float]
+    p_agree: float | None = None
+    explored: bool = False  # the policy would have answered; sent to the LLM to explore
+
+
+class Demonstration(Message):
+    """An LLM answer the cheap tiers learn from (imitation)."""
+
+    event_id: str
+    text: str
+    llm: str
+    llm_label: str
+    explored: bool = False
+    ts: float = Field(default_factory=time.time)
+
+
+class LLMAnswer(Message):
+    raw: str | None
+    label: str | None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+    latency_s: float = 0.0
+
+
+class LiveParams(Message):
+    """Deferral parameters running workers read live, so a replay can re-tune a deployment."""
+
+    mu: float = Field(ge=0)
+    thresholds: dict[str, float] = Field(default_factory=dict, description="per-tier overrides of the mu rule")
+    exploration_scale: float = Field(1.0, ge=0, le=1, description="multiplies every tier's exploration rate")
+    updated_at: float = Field(default_factory=time.time)

@@ -1,0 +1,1 @@
+"""Event → tiers → decision: each stage runs one tier and its deferral policy."""

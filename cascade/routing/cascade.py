@@ -1,0 +1,164 @@
+"""The in-process cascade: stages in order, the LLM for what is left, learning from its answers."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from cascade.config import CascadeConfig
+from cascade.deferral.policy import DeferralCost, DeferralPolicy
+from cascade.learning.learner import Learner
+from cascade.messages import Decision, Demonstration, Event, LiveParams, TierOutput
+from cascade.routing.stage import Action, Stage
+from cascade.task import Task
+from cascade.tiers.base import Tier
+from cascade.tiers.llm import LLMBackend, call_with_retries, make_backend
+from cascade.tiers.logistic import LogisticTier
+
+
+def build_tier(config: CascadeConfig, index: int) -> Tier:
+    tc = config.tiers[index]
+    if tc.kind == "logistic":
+        return LogisticTier(tc, config.task.labels, config.features)
+    raise NotImplementedError(f"tier kind {tc.kind!r} is not available in this build")
+
+
+def build_stages(config: CascadeConfig, params: LiveParams | None = None) -> list[Stage]:
+    params = params or LiveParams(mu=config.deferral.mu, thresholds=dict(config.deferral.threshold_overrides))
+    stages = []
+    for i, tc in enumerate(config.tiers):
+        policy = DeferralPolicy(tc.name, config.deferral, warmup=tc.warmup_demonstrations)
+        stages.append(
+            Stage(build_tier(config, i), policy, params, seed=config.seed * 1000 + i, miss_costs=config.task.miss_costs)
+        )
+    return stages
+
+
+def refresh_deferral_costs(stages: Sequence[Stage], llm_cost: float) -> None:
+    """Work down from the top: deferring from a stage costs the next stage plus what it defers.
+
+    Costs are in units of one LLM call; the disagreement of deferring is that of the answers
+    the stages above give (the LLM agrees with itself).
+    """
+    above = DeferralCost(cost=1.0, disagreement=0.0)
+    for stage in reversed(stages):
+        stage.policy.defer_cost = above
+        s = stage.stats
+        above = DeferralCost(
+            cost=stage.tier.cost / llm_cost + (1.0 - s.answer_rate) * above.cost,
+            disagreement=s.answer_rate * s.answered_disagreement + (1.0 - s.answer_rate) * above.disagreement,
+        )
+
+
+@dataclass
+class Outcome:
+    event: Event
+    decision: Decision
+    demonstration: Demonstration | None = None
+    outputs: list[TierOutput] = field(default_factory=list)
+
+
+class Cascade:
+    def __init__(self, config: CascadeConfig, llm: LLMBackend | None = None) -> None:
+        self.config = config
+        self.task = Task(config.task)
+        self.params = LiveParams(mu=config.deferral.mu, thresholds=dict(config.deferral.threshold_overrides))
+        self.stages = build_stages(config, self.params)
+        self.learner = Learner(self.stages)
+        self.llm = llm or make_backend(self.task, config.llm)
+        self.rng = random.Random(config.seed)
+
+    def set_params(self, params: LiveParams) -> None:
+        self.params = params
+        for stage in self.stages:
+            stage.params = params
+
+    def model_versions(self) -> dict[str, int]:
+        return {s.tier.name: s.tier.version for s in self.stages}
+
+    def process(self, events: Sequence[Event]) -> list[Outcome]:
+        """Answer a batch: cheap tiers first, the LLM for the rest, then learn from the LLM."""
+        n = len(events)
+        outputs: list[list[TierOutput]] = [[] for _ in range(n)]
+        known: list[dict[str, tuple[TierOutput, Any]]] = [{} for _ in range(n)]
+        costs = [0.0] * n
+        decisions: list[Decision | None] = [None] * n
+        explored = [False] * n
+        versions = self.model_versions()
+        pending = list(range(n))
+        for stage in self.stages:
+            if not pending:
+                break
+            routed = stage.route([events[i] for i in pending], [outputs[i][-1] if outputs[i] else None for i in pending])
+            still = []
+            for i, r in zip(pending, routed):
+                outputs[i].append(r.output)
+                known[i][stage.tier.name] = (r.output, r.tier_input)
+                costs[i] += stage.tier.cost
+                if r.action is Action.ANSWER:
+                    decisions[i] = Decision(
+                        event_id=events[i].id, label=r.label, tier=stage.tier.name, confidence=r.confidence,
+                        reason="tier", model_versions=versions, cost=costs[i],
+                    )
+                elif r.action is Action.EXPLORE:
+                    explored[i] = True
+                else:
+                    still.append(i)
+            pending = still
+        to_llm = [i for i in range(n) if decisions[i] is None]
+        demos = self._ask_llm(events, to_llm, outputs, costs, decisions, explored, versions)
+        if demos:
+            idx = [i for i, _ in demos]
+            self.learner.learn([events[i] for i in idx], [d.llm_label for _, d in demos], [known[i] for i in idx])
+        refresh_deferral_costs(self.stages, self.config.llm.cost)
+        demo_at = dict(demos)
+        return [
+            Outcome(events[i], decisions[i], demo_at.get(i), outputs[i])  # type: ignore[arg-type]
+            for i in range(n)
+        ]
+
+    def _ask_llm(
+        self,
+        events: Sequence[Event],
+        to_llm: list[int],
+        outputs: list[list[TierOutput]],
+        costs: list[float],
+        decisions: list[Decision | None],
+        explored: list[bool],
+        versions: dict[str, int],
+    ) -> list[tuple[int, Demonstration]]:
+        if not to_llm:
+            return []
+        answers = call_with_retries(
+            lambda: self.llm.answer([events[i] for i in to_llm]),
+            self.config.llm.max_retries, self.config.llm.retry_backoff_s, self.rng,
+        )
+        demos = []
+        for i, ans in zip(to_llm, answers):
+            costs[i] += ans.cost
+            if ans.label is not None:
+                decisions[i] = Decision(
+                    event_id=events[i].id, label=ans.label, tier="llm", confidence=1.0, reason="llm",
+                    explored=explored[i], model_versions=versions, cost=costs[i],
+                )
+                demos.append((i, Demonstration(
+                    event_id=events[i].id, text=events[i].text, llm=self.llm.name, llm_label=ans.label,
+                    explored=explored[i],
+                )))
+            else:
+                decisions[i] = self._fallback(events[i], outputs[i], costs[i], versions, explored[i])
+        return demos
+
+    def _fallback(
+        self, event: Event, outputs: list[TierOutput], cost: float, versions: dict[str, int], explored: bool
+    ) -> Decision:
+        """The LLM gave no usable answer: the highest warm cheap tier's answer stands, marked as such."""
+        warm = [o for o in outputs if o.p_agree is not None]
+        if not warm:
+            return Decision(event_id=event.id, label=None, tier="llm", confidence=0.0, reason="llm_unusable",
+                            explored=explored, model_versions=versions, cost=cost)
+        best = warm[-1]
+        j = max(range(len(best.probs)), key=best.probs.__getitem__)
+        return Decision(event_id=event.id, label=self.task.labels[j], tier=best.tier, confidence=best.probs[j],
+                        reason="llm_unusable", explored=explored, model_versions=versions, cost=cost)

@@ -1,0 +1,108 @@
+"""One stage of the cascade: a cheap tier and its deferral policy routing a batch of events."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Sequence
+
+import numpy as np
+
+from cascade.deferral.features import confidence_features
+from cascade.deferral.policy import DeferralPolicy
+from cascade.messages import Event, LiveParams, TierOutput
+from cascade.tiers.base import Tier
+
+
+class Action(str, Enum):
+    ANSWER = "answer"
+    DEFER = "defer"  # to the next tier (the LLM after the last one)
+    EXPLORE = "explore"  # the policy would answer; sent straight to the LLM for a demonstration
+
+
+@dataclass
+class Routed:
+    action: Action
+    label: str
+    confidence: float
+    output: TierOutput
+    tier_input: Any  # the tier's prepared input, reused by the learner in-process
+
+
+class RoutingStats:
+    """Exponential moving averages of what a stage does, for the deferral costs of the stage below."""
+
+    def __init__(self, alpha: float = 0.01) -> None:
+        self.alpha = alpha
+        self.answer_rate = 0.0
+        self.answered_disagreement = 0.0  # mean 1 - p over answered events: expected disagreement
+        self.seen = 0
+
+    def update(self, answered: bool, p_agree: float) -> None:
+        a = max(self.alpha, 1.0 / (self.seen + 1))
+        self.answer_rate += a * ((1.0 if answered else 0.0) - self.answer_rate)
+        if answered:
+            self.answered_disagreement += a * ((1.0 - p_agree) - self.answered_disagreement)
+        self.seen += 1
+
+
+class Stage:
+    def __init__(
+        self, tier: Tier, policy: DeferralPolicy, params: LiveParams, seed: int, miss_costs: dict[str, float] | None = None
+    ) -> None:
+        self.tier = tier
+        costs = miss_costs or {}
+        self.miss_costs = np.array([costs.get(label, 1.0) for label in tier.labels])
+        self.policy = policy
+        self.params = params
+        self.rng = random.Random(seed)
+        self.stats = RoutingStats()
+
+    def policy_features(self, probs: np.ndarray, lower: Sequence[TierOutput | None]) -> np.ndarray:
+        """This tier's confidence features followed by the lower tier's (its whole chain)."""
+        own = confidence_features(probs)
+        if all(o is None for o in lower):
+            return own
+        width = next(len(o.policy_features) for o in lower if o is not None)
+        below = np.array([o.policy_features if o is not None else [0.0] * width for o in lower])
+        return np.hstack([own, below])
+
+    def miss_weight(self, probs: np.ndarray, best: np.ndarray) -> np.ndarray:
+        """Expected cost of a disagreement: the miss costs of the other labels, weighted by the tier's belief."""
+        others = probs.copy()
+        others[np.arange(len(best)), best] = 0.0
+        mass = others.sum(axis=1)
+        weighted = others @ self.miss_costs
+        return np.where(mass > 0, weighted / np.maximum(mass, 1e-12), 1.0)
+
+    def route(self, events: Sequence[Event], lower: Sequence[TierOutput | None] | None = None) -> list[Routed]:
+        lower = lower if lower is not None else [None] * len(events)
+        inputs = self.tier.prepare(events)
+        probs = self.tier.predict_proba(inputs)
+        feats = self.policy_features(probs, lower)
+        warm = self.policy.warm(self.tier.version)
+        p = self.policy.p_agree(feats) if warm else np.zeros(len(events))
+        threshold = self.policy.threshold(self.params.mu, self.params.thresholds.get(self.tier.name))
+        explore = self.policy.exploration() * self.params.exploration_scale
+        best = probs.argmax(axis=1)
+        risk = (1.0 - p) * self.miss_weight(probs, best)
+        out = []
+        for i in range(len(events)):
+            accept = warm and risk[i] <= threshold
+            if accept and self.rng.random() < explore:
+                action = Action.EXPLORE
+            else:
+                action = Action.ANSWER if accept else Action.DEFER
+            self.stats.update(action is Action.ANSWER, float(p[i]))
+            output = TierOutput(
+                tier=self.tier.name,
+                version=self.tier.version,
+                probs=probs[i].tolist(),
+                policy_features=feats[i].tolist(),
+                p_agree=float(p[i]) if warm else None,
+                explored=action is Action.EXPLORE,
+            )
+            label = self.tier.labels[best[i]]
+            out.append(Routed(action, label, float(probs[i, best[i]]), output, inputs[i]))
+        return out

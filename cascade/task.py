@@ -1,0 +1,76 @@
+"""The task: a label set, where the text and id live in an event, and how LLM answers map onto labels."""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from typing import Any
+
+from cascade.config import TaskConfig
+from cascade.messages import Event
+
+
+class InvalidEvent(ValueError):
+    """An event that cannot be answered; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+_PUNCT_EDGES = re.compile(r"^[\W_]+|[\W_]+$")
+
+
+def _get_path(payload: Any, path: str) -> Any:
+    node = payload
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+class Task:
+    def __init__(self, config: TaskConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.labels: list[str] = list(config.labels)
+        self.index: dict[str, int] = {label: i for i, label in enumerate(self.labels)}
+        self._lookup: dict[str, str] = {self._norm(label): label for label in self.labels}
+        self._lookup.update({self._norm(k): v for k, v in config.label_aliases.items()})
+
+    @staticmethod
+    def _norm(s: str) -> str:
+        return _PUNCT_EDGES.sub("", unicodedata.normalize("NFKC", s).strip().casefold())
+
+    def map_answer(self, answer: str | None) -> str | None:
+        """Map a raw LLM answer onto the label set; None when it names no label (never guessed)."""
+        if answer is None:
+            return None
+        return self._lookup.get(self._norm(answer))
+
+    def parse_event(self, raw: bytes | str | dict[str, Any], max_bytes: int | None = None) -> Event:
+        """Validate one raw event; raises InvalidEvent with the reason."""
+        if isinstance(raw, (bytes, str)):
+            size = len(raw)
+            if max_bytes is not None and size > max_bytes:
+                raise InvalidEvent("too_large", f"{size} bytes > limit {max_bytes}")
+            try:
+                payload = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InvalidEvent("invalid_json", str(e)) from e
+        else:
+            payload = raw
+        if not isinstance(payload, dict):
+            raise InvalidEvent("not_an_object", f"event JSON is a {type(payload).__name__}")
+        text = _get_path(payload, self.config.text_field)
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidEvent("missing_text", f"no non-empty string at '{self.config.text_field}'")
+        if len(text) > self.config.max_text_chars:
+            raise InvalidEvent("too_large", f"text of {len(text)} chars > {self.config.max_text_chars}")
+        event_id = _get_path(payload, self.config.id_field)
+        if event_id is None or isinstance(event_id, (dict, list)) or str(event_id) == "":
+            raise InvalidEvent("missing_id", f"no scalar id at '{self.config.id_field}'")
+        return Event(id=str(event_id), text=text, payload=payload)

@@ -1,0 +1,146 @@
+"""The cascade engine on synthetic streams: policy learning, warm-up, determinism, fallbacks."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from cascade.config import CascadeConfig, load_config
+from cascade.features import HashedNgrams
+from cascade.messages import Event, LiveParams
+from cascade.routing.cascade import Cascade
+from cascade.tiers.llm import LLMError, call_with_retries
+from tests.unit.streams import LLM, easy_and_hard, event
+
+
+def make_config(**deferral) -> CascadeConfig:
+    return load_config(
+        None,
+        task={"labels": ["fear", "joy"]},
+        llm={"name": LLM},
+        features={"n_features": 2**16},
+        deferral={"warmup": 50, "mu": 0.2, **deferral},
+    )
+
+
+def run(cascade: Cascade, stream, batch: int = 1):
+    out = []
+    for i in range(0, len(stream), batch):
+        out.extend(cascade.process([e for e, _ in stream[i : i + batch]]))
+    return out
+
+
+def test_policy_learns_to_defer_what_the_tier_gets_wrong():
+    cascade = Cascade(make_config(mu=0.1))
+    run(cascade, easy_and_hard(3000, seed=1))
+    # Judge the trained policy with exploration off, on events it has not seen.
+    cascade.set_params(LiveParams(mu=0.1, exploration_scale=0.0))
+    test = easy_and_hard(400, seed=2)
+    outcomes = run(cascade, test)
+    answered = {"easy": [], "hard": []}
+    for (_, kind), o in zip(test, outcomes):
+        answered[kind].append(o.decision.tier == "logistic")
+    assert np.mean(answered["easy"]) > 0.8
+    assert np.mean(answered["hard"]) < 0.1
+    # What the tier answered agrees with the LLM's recorded answer.
+    agree = [o.decision.label == e.payload["llm"][LLM] for (e, _), o in zip(test, outcomes) if o.decision.tier != "llm"]
+    assert np.mean(agree) > 0.95
+
+
+def test_warmup_sends_everything_to_the_llm():
+    cascade = Cascade(make_config(warmup=100))
+    outcomes = run(cascade, easy_and_hard(100, seed=3))
+    assert all(o.decision.tier == "llm" for o in outcomes)
+    assert cascade.stages[0].tier.version == 100  # it learned from every demonstration
+
+
+def test_higher_mu_answers_more_cheaply():
+    fractions = []
+    for mu in (0.02, 0.3):
+        cascade = Cascade(make_config(mu=mu))
+        outcomes = run(cascade, easy_and_hard(800, seed=4))
+        fractions.append(np.mean([o.decision.tier == "llm" for o in outcomes]))
+    assert fractions[0] > fractions[1]
+
+
+def test_same_seed_same_decisions_and_batching_is_deterministic():
+    stream = easy_and_hard(600, seed=5)
+    runs = []
+    for _ in range(2):
+        outcomes = run(Cascade(make_config()), stream, batch=16)
+        runs.append([(o.decision.label, o.decision.tier, o.decision.explored, round(o.decision.confidence, 12)) for o in outcomes])
+    assert runs[0] == runs[1]
+
+
+def test_decisions_record_tier_versions_and_cost():
+    cascade = Cascade(make_config(warmup=10))
+    outcomes = run(cascade, easy_and_hard(300, seed=6))
+    llm_cost = cascade.config.llm.cost
+    for o in outcomes:
+        d = o.decision
+        assert set(d.model_versions) == {"logistic"}
+        assert d.cost == pytest.approx(1.0 + (llm_cost if d.tier == "llm" else 0.0))
+        if d.tier == "llm":
+            assert o.demonstration is not None and o.demonstration.llm_label == d.label
+        else:
+            assert o.demonstration is None and d.reason == "tier"
+
+
+def test_unusable_llm_answer_is_not_learned_and_falls_back():
+    cascade = Cascade(make_config(warmup=20))
+    run(cascade, easy_and_hard(60, seed=7))
+    version = cascade.stages[0].tier.version
+    [out] = cascade.process([event(999, "a day when we were glad", None)])
+    assert out.decision.reason == "llm_unusable"
+    assert out.decision.label in {"joy", "fear"}  # the warm cheap tier's answer, marked as such
+    assert out.demonstration is None
+    assert cascade.stages[0].tier.version == version
+
+
+def test_missing_recorded_answer_is_an_error_not_a_guess():
+    cascade = Cascade(make_config())
+    with pytest.raises(LLMError, match="no_recorded_answer"):
+        cascade.process([Event(id="x", text="hello there", payload={})])
+
+
+def test_miss_costs_make_a_tier_defer_when_the_costly_class_is_plausible():
+    config = make_config()
+    cheap = Cascade(config).stages[0]
+    probs = np.array([[0.3, 0.7], [0.7, 0.3]])  # labels: fear, joy
+    costly = Cascade(config.model_copy(update={"task": config.task.model_copy(update={"miss_costs": {"fear": 3.0}})})).stages[0]
+    best = probs.argmax(axis=1)
+    assert cheap.miss_weight(probs, best).tolist() == [1.0, 1.0]
+    assert costly.miss_weight(probs, best).tolist() == [3.0, 1.0]  # answering joy risks missing fear
+
+
+def test_hashed_features_are_stable_across_instances():
+    config = make_config().features
+    a, b = HashedNgrams(config), HashedNgrams(config)
+    text = "When I was involved in a traffic accident!"
+    assert a.transform(text) == b.transform(text)
+    assert sum(v * v for v in a.transform(text).values()) == pytest.approx(1.0)
+
+
+def test_retries_back_off_then_give_up():
+    calls, sleeps = [], []
+
+    def failing():
+        calls.append(1)
+        raise LLMError("http_503")
+
+    with pytest.raises(LLMError):
+        call_with_retries(failing, max_retries=3, backoff_s=0.1, rng=random.Random(0), sleep=sleeps.append)
+    assert len(calls) == 4 and len(sleeps) == 3
+    assert all(0 <= s <= 0.1 * 2**i for i, s in enumerate(sleeps))
+
+    calls.clear()
+
+    def fatal():
+        calls.append(1)
+        raise LLMError("bad_request", retryable=False)
+
+    with pytest.raises(LLMError):
+        call_with_retries(fatal, max_retries=3, backoff_s=0.1, rng=random.Random(0), sleep=sleeps.append)
+    assert len(calls) == 1

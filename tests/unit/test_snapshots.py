@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from cascade.deferral.policy import DeferralPolicy
+from cascade.routing.cascade import Cascade
+from cascade.tiers.base import SnapshotError
+from tests.unit.streams import easy_and_hard
+from tests.unit.test_engine import make_config, run
+
+
+@pytest.fixture(scope="module")
+def trained():
+    cascade = Cascade(make_config(warmup=20))
+    run(cascade, easy_and_hard(300, seed=11))
+    return cascade
+
+
+def test_tier_round_trip(trained):
+    stage = trained.stages[0]
+    fresh = Cascade(make_config()).stages[0]
+    fresh.tier.restore(stage.tier.snapshot())
+    events = [e for e, _ in easy_and_hard(50, seed=12)]
+    inputs = stage.tier.prepare(events)
+    assert fresh.tier.version == stage.tier.version > 0
+    assert np.allclose(fresh.tier.predict_proba(inputs), stage.tier.predict_proba(inputs))
+
+
+def test_policy_round_trip(trained):
+    policy = trained.stages[0].policy
+    fresh = DeferralPolicy(policy.tier, policy.config)
+    fresh.restore(policy.snapshot())
+    features = np.random.default_rng(0).random((20, 6))
+    assert fresh.version == policy.version
+    assert np.allclose(fresh.p_agree(features), policy.p_agree(features))
+    assert fresh.exploration() == policy.exploration()
+
+
+def test_snapshot_mismatches_are_refused(trained):
+    stage = trained.stages[0]
+    with pytest.raises(SnapshotError):
+        stage.tier.restore(stage.policy.snapshot())
+    with pytest.raises(SnapshotError):
+        stage.tier.restore(b"garbage")
+    other = Cascade(make_config().model_copy(update={"task": make_config().task.model_copy(update={"labels": ["a", "b"]})}))
+    with pytest.raises(SnapshotError, match="labels"):
+        other.stages[0].tier.restore(stage.tier.snapshot())

