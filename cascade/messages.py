@@ -51,6 +51,9 @@ class TierOutput(Message):
     p_agree: float | None = None
     explored: bool = False  # the policy would have answered; sent to the LLM to explore
 
+    def label(self, labels: list[str]) -> str:
+        return labels[max(range(len(self.probs)), key=self.probs.__getitem__)]
+
 
 class Demonstration(Message):
     """An LLM answer the cheap tiers learn from (imitation)."""

@@ -27,6 +27,7 @@ class Report(BaseModel):
     llm_call_fraction: float
     accuracy: float
     llm_accuracy: float
+    cheap_tier_alone_accuracy: float  # the first tier's own prediction on every event, same demonstrations
     agreement_with_llm: float
     macro_f1: float
     per_tier: dict[str, TierScore]
@@ -71,6 +72,7 @@ class Scorer:
         self.gold: list[str | None] = []
         self.pred: list[str | None] = []
         self.llm_pred: list[str | None] = []
+        self.cheap_pred: list[str | None] = []
         self.tiers: list[str] = []
         self.llm_calls = 0
         self.llm_unusable = 0
@@ -78,11 +80,12 @@ class Scorer:
         self.missing_llm = 0
         self.cost = 0.0
 
-    def add(self, gold: str | None, pred: str | None, tier: str, llm_alone: str | None, called_llm: bool,
-            unusable: bool, explored: bool, cost: float, llm_missing: bool = False) -> None:
+    def add(self, gold: str | None, pred: str | None, tier: str, llm_alone: str | None, cheap_alone: str | None,
+            called_llm: bool, unusable: bool, explored: bool, cost: float, llm_missing: bool = False) -> None:
         self.gold.append(gold)
         self.pred.append(pred)
         self.llm_pred.append(llm_alone)
+        self.cheap_pred.append(cheap_alone)
         self.tiers.append(tier)
         self.llm_calls += called_llm
         self.llm_unusable += unusable
@@ -110,6 +113,7 @@ class Scorer:
             llm_call_fraction=self.llm_calls / max(n, 1),
             accuracy=acc(self.pred, self.gold),
             llm_accuracy=acc(self.llm_pred, self.gold),
+            cheap_tier_alone_accuracy=acc(self.cheap_pred, self.gold),
             agreement_with_llm=acc(self.pred, self.llm_pred),
             macro_f1=sum(c.f1 for c in per_class.values()) / max(len(per_class), 1),
             per_tier=per_tier,

@@ -52,7 +52,7 @@ class Learner:
                         tier=name, version=tier.version, probs=probs[j].tolist(), policy_features=feats[j].tolist()
                     )
             feats = np.array([o.policy_features for o in outputs])  # type: ignore[union-attr]
-            predicted = [tier.labels[int(np.argmax(o.probs))] for o in outputs]  # type: ignore[union-attr]
+            predicted = [o.label(tier.labels) for o in outputs]  # type: ignore[union-attr]
             stage.policy.learn(feats, [p == y for p, y in zip(predicted, labels)])
             tier.learn(inputs, labels)
             lower = outputs

@@ -159,6 +159,6 @@ class Cascade:
             return Decision(event_id=event.id, label=None, tier="llm", confidence=0.0, reason="llm_unusable",
                             explored=explored, model_versions=versions, cost=cost)
         best = warm[-1]
-        j = max(range(len(best.probs)), key=best.probs.__getitem__)
-        return Decision(event_id=event.id, label=self.task.labels[j], tier=best.tier, confidence=best.probs[j],
+        label = best.label(self.task.labels)
+        return Decision(event_id=event.id, label=label, tier=best.tier, confidence=best.probs[self.task.index[label]],
                         reason="llm_unusable", explored=explored, model_versions=versions, cost=cost)

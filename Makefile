@@ -1,0 +1,35 @@
+# Everything a fresh machine needs: `make demo` runs the cascade, `make test` runs the tests.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?= ../shared/data
+LLM    ?= gpt-3.5-turbo-1106
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-unit bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the embedded default: the in-process cascade over a recorded stream, then the report.
+demo: install
+	$(BIN)/cascade simulate --data $(DATA)/isear.jsonl.gz --llm $(LLM) --shuffle-seed 0 --mu 0.3
+
+# Unit, integration (real Tansu broker and real Redis, started by the test fixtures when absent)
+# and end-to-end tests. pytest exits 5 when it collected no test: make fails on it like any error.
+test: install
+	$(BIN)/python -m pytest -q
+
+test-unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+bench: install
+	$(BIN)/python bench/cascade_sweep.py --data-dir $(DATA)
+
+clean:
+	rm -rf $(VENV) .run bench/out .pytest_cache

@@ -1,0 +1,47 @@
+"""Cache keys and the key layout under ``redis.key_prefix``."""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from collections.abc import Iterable
+
+# Bump when normalisation or the record format changes, so old entries are simply never hit.
+CACHE_KEY_VERSION = "1"
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, casefold, collapse whitespace: inputs that differ only so share one cache entry."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def cache_key(task_name: str, labels: Iterable[str], text: str) -> str:
+    """A hash of the task, the label set (order-free) and the normalised text."""
+    h = hashlib.blake2b(digest_size=16)
+    # \x1f/\x1e separators: no label or task name can make two different inputs collide.
+    parts = [CACHE_KEY_VERSION, task_name, "\x1e".join(sorted(labels)), normalize_text(text)]
+    h.update("\x1f".join(parts).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+class KeySpace:
+    """Every key the state layer uses, under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.cache = prefix + "dc:"
+        self.event = prefix + "evt:"
+        self.budget = prefix + "budget:"
+        self.live_params = prefix + "live_params"
+        self.registry_current = prefix + "reg:current"  # hash name -> current version: one poll reads all
+        self.registry_channel = prefix + "reg:events"
+
+    def registry_versions(self, name: str) -> str:
+        return f"{self.prefix}reg:{name}:versions"
+
+    def registry_meta(self, name: str) -> str:
+        return f"{self.prefix}reg:{name}:meta"
+
+    def registry_blob(self, name: str) -> str:
+        """Prefix of the blob keys; the version is appended (also inside the Lua scripts)."""
+        return f"{self.prefix}reg:{name}:blob:"
