@@ -44,6 +44,59 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.tier == "llm":
+        from workers.llm_worker import LLMWorker
+
+        LLMWorker(config, metrics_port=args.metrics_port).run()
+    else:
+        from workers.tier_worker import TierWorker
+
+        TierWorker(config, args.tier, metrics_port=args.metrics_port).run()
+    return 0
+
+
+def cmd_learner(args: argparse.Namespace) -> int:
+    from workers.learner_worker import LearnerWorker
+
+    config = _config(args)
+    LearnerWorker(config, metrics_port=args.metrics_port, publish_every=args.publish_every,
+                  publish_interval_s=args.publish_interval).run()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cascade.evaluation.data import labels_of, read_stream
+    from workers.run import run_pipeline
+
+    rows = read_stream(args.data, shuffle_seed=args.shuffle_seed, limit=args.limit) if args.data else None
+    overrides: dict[str, Any] = {"state": {"backend": "redis"}}
+    if args.llm:
+        overrides["llm"] = {"name": args.llm, "backend": "recorded"}
+    if args.mu is not None:
+        overrides["deferral"] = {"mu": args.mu}
+    if rows is not None and not args.config:
+        overrides["task"] = {"name": Path(args.data).name.split(".")[0], "labels": sorted(labels_of(rows))}
+    config = _config(args, **overrides)
+    services = []
+    if args.start_services:
+        from workers.local_services import ensure_redis, ensure_tansu
+
+        services = [ensure_redis(config.redis.url, run_dir=args.run_dir), ensure_tansu(config.kafka.bootstrap_servers, run_dir=args.run_dir)]
+    try:
+        report, _ = run_pipeline(config, rows, args.run_dir, args.base_port, args.timeout, progress=not args.quiet)
+    finally:
+        for s in reversed(services):
+            s.stop()
+    if report is not None:
+        if args.json:
+            sys.stdout.write(report.model_dump_json() + "\n")
+        else:
+            _print_report(report)
+    return 0
+
+
 def _key_value(text: str) -> tuple[str, float]:
     key, sep, value = text.partition("=")
     try:
@@ -89,6 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON report on stdout")
     s.add_argument("--quiet", action="store_true", help="no progress on stderr")
     s.set_defaults(func=cmd_simulate)
+
+    w = sub.add_parser("worker", help="run one tier (or the LLM) as a Kafka consumer group")
+    w.add_argument("--tier", required=True, help="a configured tier name, or 'llm'")
+    w.add_argument("--metrics-port", type=int, default=None, help="port of /metrics, /healthz, /readyz")
+    w.set_defaults(func=cmd_worker)
+
+    lw = sub.add_parser("learner", help="learn from demonstrations and publish model snapshots")
+    lw.add_argument("--metrics-port", type=int, default=None)
+    lw.add_argument("--publish-every", type=int, default=200, help="demonstrations between snapshots")
+    lw.add_argument("--publish-interval", type=float, default=5.0, help="seconds between snapshots")
+    lw.set_defaults(func=cmd_learner)
+
+    r = sub.add_parser("run", help="the whole pipeline on one machine (all workers as processes)")
+    r.add_argument("--data", type=Path, default=None, help="feed this recorded file and report when all is answered")
+    r.add_argument("--llm", default=None, help="whose recorded answers play the LLM")
+    r.add_argument("--shuffle-seed", type=int, default=None)
+    r.add_argument("--limit", type=int, default=None)
+    r.add_argument("--mu", type=float, default=None)
+    r.add_argument("--start-services", action="store_true", help="start Tansu and Redis locally if none answer")
+    r.add_argument("--run-dir", type=Path, default=Path(".run"))
+    r.add_argument("--base-port", type=int, default=9100, help="metrics ports: base, base+1, ...")
+    r.add_argument("--timeout", type=float, default=900.0)
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_run)
     return p
 
 

@@ -82,3 +82,27 @@ class LiveParams(Message):
     thresholds: dict[str, float] = Field(default_factory=dict, description="per-tier overrides of the mu rule")
     exploration_scale: float = Field(1.0, ge=0, le=1, description="multiplies every tier's exploration rate")
     updated_at: float = Field(default_factory=time.time)
+
+
+class Deferred(Message):
+    """An event passed up the cascade: to the next tier's topic or the LLM's."""
+
+    event: Event
+    outputs: list[TierOutput] = Field(default_factory=list)  # what the tiers below said
+    explored: bool = False
+    cost: float = 0.0  # spent on it so far
+    first_seen: float = Field(default_factory=time.time)
+
+
+class DeadLetter(Message):
+    """An input that could not be answered, with why and the original bytes (base64)."""
+
+    reason: str
+    detail: str
+    stage: str
+    source_topic: str
+    partition: int
+    offset: int
+    key: str | None = None
+    original_b64: str
+    ts: float = Field(default_factory=time.time)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from cascade.config import CascadeConfig
 from cascade.deferral.policy import DeferralCost, DeferralPolicy
@@ -21,6 +21,10 @@ def build_tier(config: CascadeConfig, index: int) -> Tier:
     tc = config.tiers[index]
     if tc.kind == "logistic":
         return LogisticTier(tc, config.task.labels, config.features)
+    if tc.kind == "onnx":
+        from cascade.tiers.onnx import OnnxTier  # onnxruntime sessions and tokenizers load only when used
+
+        return OnnxTier(tc, config.task.labels, seed=config.seed)
     raise NotImplementedError(f"tier kind {tc.kind!r} is not available in this build")
 
 
@@ -49,6 +53,22 @@ def refresh_deferral_costs(stages: Sequence[Stage], llm_cost: float) -> None:
             cost=stage.tier.cost / llm_cost + (1.0 - s.answer_rate) * above.cost,
             disagreement=s.answer_rate * s.answered_disagreement + (1.0 - s.answer_rate) * above.disagreement,
         )
+
+
+def fallback_decision(
+    task: Task, event: Event, outputs: Sequence[TierOutput], cost: float,
+    reason: Literal["llm_unusable", "budget_exhausted"], explored: bool,
+) -> Decision:
+    """No LLM answer to be had: the highest warm cheap tier's answer stands, marked with why."""
+    versions = {o.tier: o.version for o in outputs}
+    warm = [o for o in outputs if o.p_agree is not None]
+    if not warm:
+        return Decision(event_id=event.id, label=None, tier="llm", confidence=0.0, reason=reason,
+                        explored=explored, model_versions=versions, cost=cost)
+    best = warm[-1]
+    label = best.label(task.labels)
+    return Decision(event_id=event.id, label=label, tier=best.tier, confidence=best.probs[task.index[label]],
+                    reason=reason, explored=explored, model_versions=versions, cost=cost)
 
 
 @dataclass
@@ -147,18 +167,5 @@ class Cascade:
                     explored=explored[i],
                 )))
             else:
-                decisions[i] = self._fallback(events[i], outputs[i], costs[i], versions, explored[i])
+                decisions[i] = fallback_decision(self.task, events[i], outputs[i], costs[i], "llm_unusable", explored[i])
         return demos
-
-    def _fallback(
-        self, event: Event, outputs: list[TierOutput], cost: float, versions: dict[str, int], explored: bool
-    ) -> Decision:
-        """The LLM gave no usable answer: the highest warm cheap tier's answer stands, marked as such."""
-        warm = [o for o in outputs if o.p_agree is not None]
-        if not warm:
-            return Decision(event_id=event.id, label=None, tier="llm", confidence=0.0, reason="llm_unusable",
-                            explored=explored, model_versions=versions, cost=cost)
-        best = warm[-1]
-        label = best.label(self.task.labels)
-        return Decision(event_id=event.id, label=label, tier=best.tier, confidence=best.probs[self.task.index[label]],
-                        reason="llm_unusable", explored=explored, model_versions=versions, cost=cost)

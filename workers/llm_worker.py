@@ -1,0 +1,127 @@
+"""`cascade worker --tier llm`: takes budget, calls the LLM with bounded concurrency, produces the
+decision and the demonstration. Failures are retried with backoff, then dead-lettered."""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from kafka.consumer.fetcher import ConsumerRecord
+from pydantic import ValidationError
+
+from cascade.config import CascadeConfig
+from cascade.logging import get_logger
+from cascade.messages import Decision, Deferred, Demonstration, LLMAnswer
+from cascade.routing.cascade import fallback_decision
+from cascade.state import BudgetRequest, cacheable, make_state
+from cascade.state.keys import cache_key
+from cascade.task import Task
+from cascade.tiers.llm import LLMError, call_with_retries, make_backend
+from workers.kafka_io import OutRecord
+from workers.loop import BatchResult, Worker, dead_letter
+from workers.topics import Topics
+
+log = get_logger("cascade.worker.llm")
+
+
+class LLMWorker(Worker):
+    role = "llm"
+
+    def __init__(self, config: CascadeConfig, metrics_port: int | None = None, tenant: str = "default") -> None:
+        topics = Topics(config)
+        super().__init__(config, [topics.llm], topics.group("llm"), metrics_port)
+        self.task = Task(config.task)
+        self.backend = make_backend(self.task, config.llm)
+        self.state = make_state(config)
+        self.tenant = tenant
+        self.pool = ThreadPoolExecutor(config.llm.concurrency, thread_name_prefix="llm")
+        self.rng = random.Random()
+
+    def idle(self) -> None:
+        self.metrics.state_errors.labels(self.role).set(sum(self.state.errors.values()))
+
+    def _call(self, d: Deferred) -> LLMAnswer | LLMError:
+        def retry(attempt: int, err: LLMError) -> None:
+            self.metrics.llm_retries.labels(self.role).inc()
+            log.warning("llm_retry", event_id=d.event.id, attempt=attempt + 1, reason=err.reason)
+
+        try:
+            [answer] = call_with_retries(
+                lambda: self.backend.answer([d.event]), self.config.llm.max_retries,
+                self.config.llm.retry_backoff_s, self.rng, on_retry=retry,
+            )
+            return answer
+        except LLMError as e:
+            return e
+
+    def process(self, records: list[ConsumerRecord]) -> BatchResult:
+        res = BatchResult()
+        items: dict[str, tuple[ConsumerRecord, Deferred]] = {}
+        for rec in records:
+            try:
+                d = Deferred.model_validate_json(rec.value)
+            except ValidationError as e:
+                res.records.append(dead_letter(self.topics, self.role, rec, "invalid_deferral", str(e)))
+                self.metrics.dead_letters.labels(self.role, "invalid_deferral").inc()
+                continue
+            items.setdefault(d.event.id, (rec, d))
+        ids = list(items)
+        fresh = [i for i, done in zip(ids, self.state.seen(ids)) if not done]
+        self.metrics.duplicates.labels(self.role).inc(len(records) - len(fresh))
+        keys = {i: cache_key(self.task.name, self.task.labels, items[i][1].event.text) for i in fresh}
+        decided: list[Decision] = []
+        demos: list[Demonstration] = []
+        to_call: list[str] = []
+        for i, hit in zip(fresh, self.state.get_decisions([keys[i] for i in fresh], fresh)):
+            if hit is not None:
+                decided.append(hit)
+                self.metrics.cache_hits.labels(self.role).inc()
+            else:
+                to_call.append(i)
+        takes = self.state.take_budgets([BudgetRequest(self.tenant, 1, 0, 0.0) for _ in to_call])
+        allowed = []
+        for i, take in zip(to_call, takes):
+            if take.allowed:
+                allowed.append(i)
+                continue
+            d = items[i][1]
+            decided.append(fallback_decision(self.task, d.event, d.outputs, d.cost, "budget_exhausted", d.explored))
+            self.metrics.budget_exhausted.labels(self.role).inc()
+        answers = list(self.pool.map(lambda i: self._call(items[i][1]), allowed))
+        for i, ans in zip(allowed, answers):
+            rec, d = items[i]
+            if isinstance(ans, LLMError):
+                self.state.charge(self.tenant, calls=-1)  # the call never succeeded: refund it
+                res.records.append(dead_letter(self.topics, self.role, rec, f"llm_{ans.reason}", str(ans)))
+                self.metrics.dead_letters.labels(self.role, f"llm_{ans.reason}").inc()
+                log.error("llm_failed", event_id=i, reason=ans.reason)
+                continue
+            self.metrics.llm_calls.labels(self.role).inc()
+            self.metrics.llm_spend.labels(self.role).inc(ans.cost)
+            if ans.tokens_in or ans.tokens_out or ans.cost:
+                self.state.charge(self.tenant, tokens=ans.tokens_in + ans.tokens_out, money=ans.cost)
+            cost = d.cost + ans.cost
+            versions = {o.tier: o.version for o in d.outputs}
+            if ans.label is None:
+                decided.append(fallback_decision(self.task, d.event, d.outputs, cost, "llm_unusable", d.explored))
+                continue
+            decided.append(Decision(event_id=i, label=ans.label, tier="llm", confidence=1.0, reason="llm",
+                                    explored=d.explored, model_versions=versions, cost=cost))
+            demos.append(Demonstration(event_id=i, text=d.event.text, llm=self.backend.name, llm_label=ans.label,
+                                       explored=d.explored))
+        for dec in decided:
+            res.records.append(OutRecord(self.topics.decisions, dec.event_id.encode(), dec.model_dump_json().encode()))
+            self.metrics.answered.labels(self.role, dec.tier, dec.reason).inc()
+            if dec.event_id in items:
+                self.metrics.event_latency.labels(self.role).observe(time.time() - items[dec.event_id][1].first_seen)
+        for demo in demos:
+            res.records.append(OutRecord(self.topics.demonstrations, demo.event_id.encode(), demo.model_dump_json().encode()))
+        if decided:
+            def record() -> None:
+                self.state.claim_events([d.event_id for d in decided])
+                self.state.put_decisions(
+                    (keys[d.event_id], d) for d in decided if d.event_id in keys and cacheable(d, False)
+                )
+            res.after_produce.append(record)
+        return res

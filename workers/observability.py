@@ -1,0 +1,83 @@
+"""Prometheus metrics and the /healthz, /readyz, /metrics endpoints every worker serves."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class WorkerMetrics:
+    def __init__(self, role: str) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.role = role
+        self.events_in = Counter("cascade_events_in_total", "Records consumed", ["role"], registry=r)
+        self.answered = Counter("cascade_answered_total", "Decisions produced", ["role", "tier", "reason"], registry=r)
+        self.deferred = Counter("cascade_deferred_total", "Events passed up", ["role", "to", "explored"], registry=r)
+        self.cache_hits = Counter("cascade_cache_hits_total", "Events answered from the decision cache", ["role"], registry=r)
+        self.duplicates = Counter("cascade_duplicates_total", "Redelivered events already decided", ["role"], registry=r)
+        self.dead_letters = Counter("cascade_dead_letters_total", "Records sent to the dead-letter topic", ["role", "reason"], registry=r)
+        self.llm_calls = Counter("cascade_llm_calls_total", "LLM calls made", ["role"], registry=r)
+        self.llm_spend = Counter("cascade_llm_spend_total", "LLM spend in configured cost units", ["role"], registry=r)
+        self.llm_retries = Counter("cascade_llm_retries_total", "LLM call retries", ["role"], registry=r)
+        self.budget_exhausted = Counter("cascade_budget_exhausted_total", "Events refused an LLM call by budget", ["role"], registry=r)
+        self.demonstrations = Counter("cascade_demonstrations_learned_total", "Demonstrations learned", ["role"], registry=r)
+        self.snapshots = Counter("cascade_snapshots_total", "Snapshots published or loaded", ["role", "name", "op"], registry=r)
+        self.state_errors = Gauge("cascade_state_errors", "State-store operations failed or skipped in outages", ["role"], registry=r)
+        self.batch_seconds = Histogram(
+            "cascade_batch_seconds", "Time to process, produce and commit one batch", ["role"], registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.event_latency = Histogram(
+            "cascade_event_latency_seconds", "From first seen to decision", ["role"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.lag = Gauge("cascade_consumer_lag", "Records behind the end of the input topic", ["role"], registry=r)
+        self.model_version = Gauge("cascade_model_version", "Version of each loaded model", ["role", "name"], registry=r)
+
+
+class HealthServer:
+    """/healthz: the process loop is alive (beat recently); /readyz: it has joined and is consuming."""
+
+    def __init__(self, metrics: WorkerMetrics, port: int, stale_after_s: float = 60.0) -> None:
+        self.metrics = metrics
+        self.ready = False
+        self.last_beat = time.monotonic()
+        self.stale_after_s = stale_after_s
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                if self.path == "/metrics":
+                    self._send(200, generate_latest(server.metrics.registry), CONTENT_TYPE_LATEST)
+                elif self.path == "/healthz":
+                    alive = time.monotonic() - server.last_beat < server.stale_after_s
+                    self._send(200 if alive else 503, b"ok\n" if alive else b"stalled\n")
+                elif self.path == "/readyz":
+                    self._send(200 if server.ready else 503, b"ready\n" if server.ready else b"not ready\n")
+                else:
+                    self._send(404, b"not found\n")
+
+            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:  # probes every few seconds would flood the log
+                pass
+
+        self.httpd = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, name="health", daemon=True).start()
+
+    def beat(self) -> None:
+        self.last_beat = time.monotonic()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,128 @@
+"""`cascade run`: the whole pipeline on one machine — every tier worker, the LLM worker and the
+learner as processes — optionally fed from a recorded file, with a report when all is answered."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from kafka import KafkaConsumer
+
+from cascade.config import CascadeConfig
+from cascade.evaluation.data import LabelledEvent
+from cascade.evaluation.progress import Progress
+from cascade.evaluation.report import Report, Scorer
+from cascade.logging import get_logger
+from cascade.messages import Decision
+from cascade.task import Task
+from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
+from workers.topics import Topics
+
+log = get_logger("cascade.run")
+
+
+def worker_commands(config_path: Path, tiers: list[str], base_port: int) -> list[tuple[str, list[str]]]:
+    cli = [sys.executable, "-m", "cascade.cli", "--config", str(config_path)]
+    roles = [(f"tier-{t}", [*cli, "worker", "--tier", t]) for t in tiers]
+    roles += [("llm", [*cli, "worker", "--tier", "llm"]), ("learner", [*cli, "learner"])]
+    return [(role, [*cmd, "--metrics-port", str(base_port + i)]) for i, (role, cmd) in enumerate(roles)]
+
+
+def start_workers(config: CascadeConfig, run_dir: Path, base_port: int) -> list[subprocess.Popen]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    procs = []
+    for role, cmd in worker_commands(config_path, [t.name for t in config.tiers], base_port):
+        logf = (run_dir / f"{role}.log").open("ab")
+        procs.append(subprocess.Popen(cmd, stdout=logf, stderr=logf, env={**os.environ, "CASCADE_CONFIG": str(config_path)}))
+        log.info("worker_started", role=role, pid=procs[-1].pid, log=str(run_dir / f"{role}.log"))
+    return procs
+
+
+def stop_workers(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def produce_events(config: CascadeConfig, rows: list[LabelledEvent]) -> None:
+    """The user's side: events onto the input topic, keyed by id (gold labels stay behind)."""
+    topics = Topics(config)
+    producer = make_producer(config.kafka, client_id="cascade-run-feeder")
+    try:
+        batch = 500
+        for i in range(0, len(rows), batch):
+            produce_and_flush(producer, [
+                OutRecord(topics.events, r.event.id.encode(), json.dumps(r.event.payload).encode()) for r in rows[i : i + batch]
+            ])
+    finally:
+        producer.close()
+
+
+def collect_decisions(config: CascadeConfig, ids: set[str], timeout_s: float, progress: bool = True) -> dict[str, list[Decision]]:
+    """Read the decisions topic from the start until every id has one (or the timeout)."""
+    topics = Topics(config)
+    consumer = KafkaConsumer(
+        topics.decisions, bootstrap_servers=config.kafka.bootstrap_servers, group_id=None,
+        auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=1000,
+    )
+    found: dict[str, list[Decision]] = {}
+    bar = Progress(len(ids), "decisions", enabled=progress)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and not ids.issubset(found):
+            for tp_records in consumer.poll(timeout_ms=500).values():
+                for rec in tp_records:
+                    d = Decision.model_validate_json(rec.value)
+                    found.setdefault(d.event_id, []).append(d)
+            bar.update(len(ids & found.keys()))
+    finally:
+        consumer.close()
+    return found
+
+
+def score(config: CascadeConfig, rows: list[LabelledEvent], decisions: dict[str, list[Decision]], seconds: float) -> Report:
+    task = Task(config.task)
+    scorer = Scorer(task.labels)
+    for r in rows:
+        ds = decisions.get(r.event.id)
+        d = ds[0] if ds else None
+        recorded = (r.event.payload.get(config.llm.recorded_field) or {}).get(config.llm.name)
+        scorer.add(
+            gold=r.gold, pred=d.label if d else None, tier=d.tier if d else "missing",
+            llm_alone=task.map_answer(recorded), cheap_alone=None,
+            called_llm=bool(d and d.reason in ("llm", "llm_unusable")), unusable=bool(d and d.reason == "llm_unusable"),
+            explored=bool(d and d.explored), cost=d.cost if d else 0.0,
+        )
+    return scorer.report(seconds, {"mu": config.deferral.mu, "llm": config.llm.name})
+
+
+def run_pipeline(config: CascadeConfig, rows: list[LabelledEvent] | None, run_dir: Path, base_port: int,
+                 timeout_s: float, progress: bool = True) -> tuple[Report | None, dict[str, list[Decision]]]:
+    kcfg = config.kafka
+    ensure_topics(kcfg.bootstrap_servers, Topics(config).all(), kcfg.partitions, kcfg.replication_factor)
+    procs = start_workers(config, run_dir, base_port)
+    try:
+        if rows is None:  # serve until interrupted
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            return None, {}
+        start = time.perf_counter()
+        produce_events(config, rows)
+        decisions = collect_decisions(config, {r.event.id for r in rows}, timeout_s, progress)
+        return score(config, rows, decisions, time.perf_counter() - start), decisions
+    finally:
+        stop_workers(procs)
