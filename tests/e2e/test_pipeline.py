@@ -1,0 +1,136 @@
+"""The distributed pipeline as processes, on a real Tansu broker and a real Redis."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+from kafka import KafkaConsumer
+
+from cascade.config import load_config
+from cascade.messages import DeadLetter, Decision
+from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
+from workers.local_services import free_port
+from workers.run import collect_decisions, start_workers, stop_workers
+from workers.topics import Topics
+
+pytestmark = pytest.mark.e2e
+LLM = "test-llm"
+WORDS = {"joy": ["happy", "glad"], "fear": ["afraid", "scared"], "anger": ["furious", "angry"]}
+
+
+@pytest.fixture
+def pipeline_config(kafka_bootstrap, redis_url, tmp_path):
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    db_url = redis_url  # db 15 of the test Redis; keys are namespaced by the prefix
+    config = load_config(None, task={"labels": sorted(WORDS)}, llm={"name": LLM},
+                         kafka={"bootstrap_servers": kafka_bootstrap, "topic_prefix": prefix, "partitions": 2},
+                         redis={"url": db_url, "key_prefix": prefix}, state={"backend": "redis"},
+                         deferral={"warmup": 100, "mu": 0.3})
+    ensure_topics(kafka_bootstrap, Topics(config).all(), 2)
+    return config
+
+
+def events(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = rng.choice(sorted(WORDS))
+        text = f"event {i} we felt {rng.choice(WORDS[label])} about it"
+        out.append({"id": f"e{i}", "text": text, "llm": {LLM: label}})
+    return out
+
+
+def produce(config, payloads: list[bytes], keys: list[bytes]) -> None:
+    producer = make_producer(config.kafka)
+    try:
+        produce_and_flush(producer, [OutRecord(Topics(config).events, k, v) for k, v in zip(keys, payloads)])
+    finally:
+        producer.close()
+
+
+def read_all(config, topic: str, idle_s: float = 3.0) -> list[bytes]:
+    consumer = KafkaConsumer(topic, bootstrap_servers=config.kafka.bootstrap_servers, group_id=None,
+                             auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=int(idle_s * 1000))
+    try:
+        return [rec.value for rec in consumer]
+    finally:
+        consumer.close()
+
+
+def test_every_event_gets_exactly_one_decision(pipeline_config, tmp_path):
+    rows = events(2000)
+    procs = start_workers(pipeline_config, tmp_path, free_port())
+    try:
+        produce(pipeline_config, [json.dumps(r).encode() for r in rows], [r["id"].encode() for r in rows])
+        found = collect_decisions(pipeline_config, {r["id"] for r in rows}, timeout_s=180, progress=False)
+    finally:
+        stop_workers(procs)
+    assert set(found) == {r["id"] for r in rows}
+    decisions = [Decision.model_validate_json(v) for v in read_all(pipeline_config, Topics(pipeline_config).decisions)]
+    ids = [d.event_id for d in decisions]
+    assert len(ids) == len(set(ids)) == 2000
+    assert {d.reason for d in decisions} <= {"llm", "tier", "cache"}
+    assert any(d.tier == "llm" for d in decisions)
+    assert all(p.returncode == 0 for p in procs)  # SIGTERM: clean exit
+
+
+def test_kill_9_of_a_tier_worker_loses_nothing_and_duplicates_nothing(pipeline_config, tmp_path):
+    rows = events(3000, seed=1)
+    port = free_port()
+    procs = start_workers(pipeline_config, tmp_path, port)
+    tier_cmd = procs[0].args
+    try:
+        produce(pipeline_config, [json.dumps(r).encode() for r in rows[:1500]], [r["id"].encode() for r in rows[:1500]])
+        time.sleep(4)  # in the middle of the stream
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        produce(pipeline_config, [json.dumps(r).encode() for r in rows[1500:]], [r["id"].encode() for r in rows[1500:]])
+        logf = (tmp_path / "tier-restarted.log").open("ab")
+        procs[0] = subprocess.Popen(tier_cmd, stdout=logf, stderr=logf, env=dict(os.environ))
+        found = collect_decisions(pipeline_config, {r["id"] for r in rows}, timeout_s=240, progress=False)
+    finally:
+        stop_workers(procs)
+    assert set(found) == {r["id"] for r in rows}
+    ids = [Decision.model_validate_json(v).event_id for v in read_all(pipeline_config, Topics(pipeline_config).decisions)]
+    assert len(ids) == len(set(ids)) == 3000
+
+
+def test_malformed_events_are_dead_lettered_and_the_rest_answered(pipeline_config, tmp_path):
+    rows = events(300, seed=2)
+    good = [json.dumps(r).encode() for r in rows]
+    bad = {
+        "invalid_json": b"{not json",
+        "missing_text": json.dumps({"id": "m1", "llm": {LLM: "joy"}}).encode(),
+        "missing_id": json.dumps({"text": "hello", "llm": {LLM: "joy"}}).encode(),
+        "not_an_object": b"[1, 2, 3]",
+        "too_large": json.dumps({"id": "big", "text": "x" * 200_000}).encode(),
+    }
+    payloads = good[:150] + list(bad.values()) + good[150:]
+    keys = [r["id"].encode() for r in rows[:150]] + [k.encode() for k in bad] + [r["id"].encode() for r in rows[150:]]
+    procs = start_workers(pipeline_config, tmp_path, free_port())
+    try:
+        produce(pipeline_config, payloads, keys)
+        found = collect_decisions(pipeline_config, {r["id"] for r in rows}, timeout_s=120, progress=False)
+        time.sleep(1)
+    finally:
+        stop_workers(procs)
+    assert set(found) == {r["id"] for r in rows}
+    letters = [DeadLetter.model_validate_json(v) for v in read_all(pipeline_config, Topics(pipeline_config).deadletter)]
+    by_reason = {d.reason: d for d in letters}
+    assert set(by_reason) == set(bad)
+    for reason, raw in bad.items():
+        assert base64.b64decode(by_reason[reason].original_b64) == raw  # nothing lost
+        assert by_reason[reason].detail
+    assert all(p.returncode == 0 for p in procs)
