@@ -6,7 +6,7 @@ DATA   ?= ../shared/data
 LLM    ?= gpt-3.5-turbo-1106
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit bench clean
+.PHONY: install demo simulate test test-unit bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the embedded default: the in-process cascade over a recorded stream, then the report.
+# The main job: the whole pipeline (tier, LLM and learner workers as processes) on the embedded
+# Tansu broker and a local Redis (started when none answers), over a recorded stream; then the report.
 demo: install
+	$(BIN)/cascade run --start-services --data $(DATA)/isear.jsonl.gz --llm $(LLM) --shuffle-seed 0 --mu 0.3
+
+# The same stream through the in-process cascade (no broker, no Redis).
+simulate: install
 	$(BIN)/cascade simulate --data $(DATA)/isear.jsonl.gz --llm $(LLM) --shuffle-seed 0 --mu 0.3
 
 # Unit, integration (real Tansu broker and real Redis, started by the test fixtures when absent)

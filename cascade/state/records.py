@@ -41,10 +41,10 @@ class CachedDecision(Record):
 
     def answer(self, event_id: str | None = None) -> Decision:
         """The decision for an event answered from the cache (reason "cache", no cost)."""
-        # model_construct: the fields were validated when the record was; a hit must stay cheap.
-        return Decision.model_construct(
+        # Plain construction (it copies model_versions): in pydantic 2 faster than model_construct here.
+        return Decision(
             event_id=event_id or self.event_id, label=self.label, tier=self.tier, confidence=self.confidence,
-            reason="cache", explored=False, model_versions=dict(self.model_versions), cost=0.0, ts=self.ts,
+            reason="cache", explored=False, model_versions=self.model_versions, cost=0.0, ts=self.ts,
         )  # fmt: skip
 
 

@@ -1,0 +1,51 @@
+"""Shared state: decision cache, LLM budgets, model registry, live parameters, idempotency.
+
+``make_state(config)`` picks the implementation from ``state.backend``: ``memory`` for one
+process (the embedded default), ``redis`` for workers that share it.
+"""
+
+from __future__ import annotations
+
+from cascade.config import CascadeConfig
+from cascade.state.base import StateStore, StateUnavailable
+from cascade.state.keys import cache_key, normalize_text
+from cascade.state.memory import MemoryState
+from cascade.state.records import (
+    UNREACHABLE,
+    UNREACHABLE_FAIL_OPEN,
+    BudgetLimit,
+    BudgetRequest,
+    BudgetTake,
+    CachedDecision,
+    RegistryEntry,
+    cacheable,
+    limits_from_config,
+)
+from cascade.state.watcher import ModelWatcher
+
+__all__ = [
+    "UNREACHABLE",
+    "UNREACHABLE_FAIL_OPEN",
+    "BudgetLimit",
+    "BudgetRequest",
+    "BudgetTake",
+    "CachedDecision",
+    "MemoryState",
+    "ModelWatcher",
+    "RegistryEntry",
+    "StateStore",
+    "StateUnavailable",
+    "cache_key",
+    "cacheable",
+    "limits_from_config",
+    "make_state",
+    "normalize_text",
+]
+
+
+def make_state(config: CascadeConfig) -> StateStore:
+    if config.state.backend == "redis":
+        from cascade.state.redis_store import RedisState  # redis-py only when asked for
+
+        return RedisState(config.redis, config.state, config.budget)
+    return MemoryState(config.state, config.budget)
