@@ -15,7 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from cascade.config import BudgetConfig, StateConfig
 from cascade.messages import Decision, LiveParams
@@ -129,7 +129,9 @@ class StateStore(ABC):
         if limits and (calls or tokens or money):
             self._charge(BudgetRequest(tenant, calls, tokens, money), limits)
 
-    def budget_remaining(self, tenant: str = "default", limits: Sequence[BudgetLimit] | None = None) -> dict[str, float]:
+    def budget_remaining(
+        self, tenant: str = "default", limits: Sequence[BudgetLimit] | None = None
+    ) -> dict[str, float]:
         """What is left in each current window (empty when unlimited or unreachable)."""
         limits = self.limits if limits is None else limits
         return self._remaining(tenant, limits) if limits else {}
@@ -219,7 +221,7 @@ class StateStore(ABC):
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "StateStore":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -53,9 +53,6 @@ class _TTLMap:
             while len(self._data) > self._max:  # oldest write goes first
                 self._data.popitem(last=False)
 
-    def expires_at(self, key: str) -> float:
-        return self._data[key][1]
-
     def delete(self, key: str) -> None:
         self._data.pop(key, None)
 
