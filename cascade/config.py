@@ -79,6 +79,19 @@ class TierConfig(_Section):
     learning_rate: float = Field(1.0, gt=0)
     l2: float = Field(0.0, ge=0)
     warmup_demonstrations: int | None = Field(None, ge=0, description="overrides deferral.warmup")
+    # kind "onnx": a sentence encoder run with onnxruntime, and a softmax head learned online.
+    encoder: str = Field("minilm-l6-int8", description="built-in ONNX encoder (cascade/tiers/encoders.py)")
+    encoder_path: Path | None = Field(None, description="any ONNX sentence encoder; overrides encoder")
+    tokenizer_path: Path | None = Field(None, description="its tokenizer.json; default: the packaged one")
+    encoder_output: str | None = Field(None, description="encoder output to use; default: token states, mean-pooled")
+    max_length: int = Field(128, gt=0, description="tokens per text")
+    batch_size: int = Field(32, gt=0, description="texts per encoder run")
+    threads: int = Field(1, gt=0, description="onnxruntime intra-op threads")
+    head_learning_rate: float = Field(0.5, gt=0, description="AdaGrad step of the ONNX tier's softmax head")
+    head_batch_size: int = Field(16, gt=0, description="demonstrations per head update")
+    embedding_cache: Path | None = Field(
+        None, description="optional .npz of precomputed embeddings (benchmarks); misses are computed"
+    )
 
 
 class DeferralConfig(_Section):

@@ -24,7 +24,7 @@ def build_tier(config: CascadeConfig, index: int) -> Tier:
     if tc.kind == "onnx":
         from cascade.tiers.onnx import OnnxTier  # onnxruntime sessions and tokenizers load only when used
 
-        return OnnxTier(tc, config.task.labels, seed=config.seed)
+        return OnnxTier(tc, config.task.labels)
     raise NotImplementedError(f"tier kind {tc.kind!r} is not available in this build")
 
 

@@ -1,0 +1,141 @@
+"""The ONNX tier: a packaged sentence encoder and a softmax head learned online, served as ONNX."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from cascade.config import CascadeConfig, TierConfig
+from cascade.routing.cascade import Cascade, build_tier
+from cascade.tiers.base import SnapshotError
+from cascade.tiers.encoders import BUILTIN_ENCODERS, EncoderNotFound, resolve_encoder
+from cascade.tiers.onnx import HEAD_INPUT, HEAD_OUTPUT, OnnxTier, head_model
+from tests.unit.streams import LLM, easy_and_hard, event
+
+LABELS = ["fear", "joy"]
+
+
+@pytest.fixture(scope="module")
+def tier_config():
+    return TierConfig(name="onnx", kind="onnx", cost=5.0, head_learning_rate=0.5)
+
+
+@pytest.fixture(scope="module")
+def encoder(tier_config):
+    return OnnxTier(tier_config, LABELS).encoder
+
+
+def fresh(tier_config, encoder, labels=LABELS):
+    return OnnxTier(tier_config, labels, encoder=encoder)
+
+
+def separable(n, dim, k, seed):
+    """Unit vectors around k well-separated centres; the label is the centre."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, dim))
+    y = rng.integers(0, k, size=n)
+    x = centres[y] + 0.3 * rng.normal(size=(n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return list(x.astype(np.float32)), y
+
+
+def test_builtin_encoders_resolve_from_installed_packages():
+    for name in BUILTIN_ENCODERS:
+        model, tokenizer = resolve_encoder(name, None, None)
+        assert model.suffix == ".onnx" and model.is_file()
+        assert tokenizer.name == "tokenizer.json" and tokenizer.is_file()
+    with pytest.raises(EncoderNotFound):
+        resolve_encoder("no-such-encoder", None, None)
+
+
+def test_embeddings_have_the_encoder_shape_and_are_deterministic(tier_config, encoder):
+    tier = fresh(tier_config, encoder)
+    texts = ["I was so happy when she came home.", "A dark street at night scared me.", "ok", "x " * 400]
+    events = [event(i, t, None) for i, t in enumerate(texts)]
+    first = np.stack(tier.prepare(events))
+    assert first.shape == (4, encoder.dim) == (4, 384)
+    assert first.dtype == np.float32
+    assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    # Same text, same vector, whatever else shares its batch and in whatever order.
+    again = np.stack(tier.prepare(events[::-1]))[::-1]
+    alone = np.stack(tier.prepare(events[1:2]))
+    assert np.allclose(first, again, atol=1e-5)
+    assert np.allclose(first[1], alone[0], atol=1e-5)
+    # Related texts are closer than unrelated ones.
+    a, b, c = tier.embed(["I am very happy today", "Today I feel really glad", "The train timetable changed"])
+    assert a @ b > a @ c
+
+
+def test_the_head_learns_a_separable_task(tier_config, encoder):
+    labels = ["a", "b", "c", "d"]
+    tier = fresh(tier_config, encoder, labels)
+    x, y = separable(600, encoder.dim, 4, seed=1)
+    assert np.allclose(tier.predict_proba(x[:5]), 0.25)  # nothing learned: uniform
+    for i in range(0, 400, 8):  # mini-batches, as demonstrations arrive
+        tier.learn(x[i : i + 8], [labels[j] for j in y[i : i + 8]])
+    assert tier.version == 400
+    probs = tier.predict_proba(x[400:])
+    assert probs.shape == (200, 4)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert (probs.argmax(axis=1) == y[400:]).mean() >= 0.95
+
+
+def test_the_onnx_head_equals_the_numpy_math(tier_config, encoder):
+    labels = ["a", "b", "c"]
+    tier = fresh(tier_config, encoder, labels)
+    x, y = separable(200, encoder.dim, 3, seed=2)
+    tier.learn(x[:100], [labels[j] for j in y[:100]])
+    assert np.allclose(tier.predict_proba(x[100:]), tier.numpy_proba(x[100:]), atol=1e-6)
+    # The session is cached while the head is unchanged and rebuilt after it learns.
+    session = tier._head_session()
+    assert tier._head_session() is session
+    tier.learn(x[100:110], [labels[j] for j in y[100:110]])
+    assert tier._head_session() is not session
+    assert np.allclose(tier.predict_proba(x[150:]), tier.numpy_proba(x[150:]), atol=1e-6)
+    # A plain onnxruntime session over the head's bytes (what a server runs) gives the same.
+    served = ort.InferenceSession(tier.head_bytes(), providers=["CPUExecutionProvider"])
+    (probs,) = served.run([HEAD_OUTPUT], {HEAD_INPUT: np.stack(x[150:])})
+    assert np.allclose(probs, tier.predict_proba(x[150:]), atol=1e-6)
+
+
+def test_head_model_is_matmul_add_softmax():
+    model = head_model(np.ones((4, 3), dtype=np.float32), np.zeros(3, dtype=np.float32))
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Add", "Softmax"]
+
+
+def test_snapshot_round_trip_gives_identical_probabilities(tier_config, encoder):
+    tier = fresh(tier_config, encoder)
+    events = [e for e, _ in easy_and_hard(120, seed=3)]
+    inputs = tier.prepare(events)
+    tier.learn(inputs[:80], [e.payload["llm"][LLM] for e in events[:80]])
+    blob = tier.snapshot()
+    restored = fresh(tier_config, encoder)
+    restored.restore(blob)
+    assert restored.version == tier.version == 80
+    assert np.array_equal(restored.predict_proba(inputs[80:]), tier.predict_proba(inputs[80:]))
+    # The restored head goes on learning exactly like the original (AdaGrad state included).
+    more = [e.payload["llm"][LLM] for e in events[80:100]]
+    tier.learn(inputs[80:100], more)
+    restored.learn(inputs[80:100], more)
+    assert np.array_equal(restored.predict_proba(inputs[100:]), tier.predict_proba(inputs[100:]))
+    with pytest.raises(SnapshotError):
+        fresh(tier_config, encoder, ["a", "b"]).restore(blob)
+
+
+def test_build_tier_and_a_three_tier_cascade_runs():
+    config = CascadeConfig(
+        task={"name": "t", "labels": LABELS},
+        tiers=[{"name": "logistic", "kind": "logistic", "cost": 1.0},
+               {"name": "onnx", "kind": "onnx", "cost": 5.0, "batch_size": 8, "threads": 1}],
+        llm={"name": LLM}, deferral={"warmup": 20},
+    )
+    assert isinstance(build_tier(config, 1), OnnxTier)
+    cascade = Cascade(config)
+    stream = easy_and_hard(160, seed=4)
+    for i in range(0, len(stream), 16):
+        outcomes = cascade.process([e for e, _ in stream[i : i + 16]])
+        assert len(outcomes) == len(stream[i : i + 16])
+    onnx_stage = cascade.stages[1]
+    assert onnx_stage.tier.version > 0
+    # The ONNX stage's policy features carry the logistic tier's after its own.
+    out = onnx_stage.route([e for e, _ in stream[:4]])
+    assert len(out[0].output.policy_features) > 0
