@@ -112,6 +112,8 @@ def _print_report(report: Any) -> None:
     print(f"LLM calls         {report.llm_calls} ({report.llm_call_fraction:.1%})")
     print(f"accuracy          {report.accuracy:.4f}   (LLM alone {report.llm_accuracy:.4f})")
     print(f"agreement w/ LLM  {report.agreement_with_llm:.4f}")
+    print(f"cache hits        {report.cache_hits}   budget exhausted {report.budget_exhausted}   "
+          f"LLM unusable {report.llm_unusable}   explored {report.explored}")
     print(f"macro-F1          {report.macro_f1:.4f}")
     print(f"events/second     {report.events_per_second:,.0f}")
     print("per tier:")

@@ -99,14 +99,8 @@ def score(config: CascadeConfig, rows: list[LabelledEvent], decisions: dict[str,
     scorer = Scorer(task.labels)
     for r in rows:
         ds = decisions.get(r.event.id)
-        d = ds[0] if ds else None
         recorded = (r.event.payload.get(config.llm.recorded_field) or {}).get(config.llm.name)
-        scorer.add(
-            gold=r.gold, pred=d.label if d else None, tier=d.tier if d else "missing",
-            llm_alone=task.map_answer(recorded), cheap_alone=None,
-            called_llm=bool(d and d.reason in ("llm", "llm_unusable")), unusable=bool(d and d.reason == "llm_unusable"),
-            explored=bool(d and d.explored), cost=d.cost if d else 0.0,
-        )
+        scorer.add_decision(r.gold, ds[0] if ds else None, task.map_answer(recorded), None)
     return scorer.report(seconds, {"mu": config.deferral.mu, "llm": config.llm.name})
 
 

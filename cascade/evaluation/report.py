@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from cascade.messages import Decision
+
 
 class TierScore(BaseModel):
     answered: int
@@ -27,12 +29,15 @@ class Report(BaseModel):
     llm_call_fraction: float
     accuracy: float
     llm_accuracy: float
-    cheap_tier_alone_accuracy: float  # the first tier's own prediction on every event, same demonstrations
+    # The first tier's own prediction on every event, same demonstrations (None where not seen).
+    cheap_tier_alone_accuracy: float | None
     agreement_with_llm: float
     macro_f1: float
     per_tier: dict[str, TierScore]
     per_class: dict[str, ClassScore]
     llm_unusable: int
+    cache_hits: int
+    budget_exhausted: int
     explored: int
     missing_llm_answers: int
     total_cost: float
@@ -74,24 +79,26 @@ class Scorer:
         self.llm_pred: list[str | None] = []
         self.cheap_pred: list[str | None] = []
         self.tiers: list[str] = []
-        self.llm_calls = 0
-        self.llm_unusable = 0
+        self.reasons: Counter[str] = Counter()
         self.explored = 0
         self.missing_llm = 0
         self.cost = 0.0
 
-    def add(self, gold: str | None, pred: str | None, tier: str, llm_alone: str | None, cheap_alone: str | None,
-            called_llm: bool, unusable: bool, explored: bool, cost: float, llm_missing: bool = False) -> None:
+    @property
+    def llm_calls(self) -> int:
+        return self.reasons["llm"] + self.reasons["llm_unusable"]
+
+    def add_decision(self, gold: str | None, d: Decision | None, llm_alone: str | None, cheap_alone: str | None) -> None:
+        """One event's outcome; a missing decision counts as wrong, in a tier of its own."""
         self.gold.append(gold)
-        self.pred.append(pred)
+        self.pred.append(d.label if d else None)
         self.llm_pred.append(llm_alone)
         self.cheap_pred.append(cheap_alone)
-        self.tiers.append(tier)
-        self.llm_calls += called_llm
-        self.llm_unusable += unusable
-        self.explored += explored
-        self.missing_llm += llm_missing
-        self.cost += cost
+        reason = d.reason if d else "missing"
+        self.tiers.append("cache" if reason == "cache" else d.tier if d else "missing")
+        self.reasons[reason] += 1
+        self.explored += bool(d and d.explored)
+        self.cost += d.cost if d else 0.0
 
     def report(self, seconds: float, config: dict[str, Any] | None = None) -> Report:
         n = len(self.gold)
@@ -113,12 +120,16 @@ class Scorer:
             llm_call_fraction=self.llm_calls / max(n, 1),
             accuracy=acc(self.pred, self.gold),
             llm_accuracy=acc(self.llm_pred, self.gold),
-            cheap_tier_alone_accuracy=acc(self.cheap_pred, self.gold),
+            cheap_tier_alone_accuracy=(
+                acc(self.cheap_pred, self.gold) if any(p is not None for p in self.cheap_pred) else None
+            ),
             agreement_with_llm=acc(self.pred, self.llm_pred),
             macro_f1=sum(c.f1 for c in per_class.values()) / max(len(per_class), 1),
             per_tier=per_tier,
             per_class=per_class,
-            llm_unusable=self.llm_unusable,
+            llm_unusable=self.reasons["llm_unusable"],
+            cache_hits=self.reasons["cache"],
+            budget_exhausted=self.reasons["budget_exhausted"],
             explored=self.explored,
             missing_llm_answers=self.missing_llm,
             total_cost=self.cost,

@@ -28,15 +28,10 @@ def simulate(
     for batch in batches(rows, batch_size):
         outcomes = cascade.process([r.event for r in batch])
         for row, out in zip(batch, outcomes):
-            d = out.decision
             llm_alone = cascade.task.map_answer(recorded.recorded(row.event)[1]) if recorded else None
             first = out.outputs[0] if out.outputs else None
             cheap_alone = first.label(cascade.task.labels) if first else None
-            scorer.add(
-                gold=row.gold, pred=d.label, tier=d.tier, llm_alone=llm_alone, cheap_alone=cheap_alone,
-                called_llm=d.reason in ("llm", "llm_unusable"),
-                unusable=d.reason == "llm_unusable", explored=d.explored, cost=d.cost,
-            )
+            scorer.add_decision(row.gold, out.decision, llm_alone, cheap_alone)
         done += len(batch)
         bar.update(done, f"llm {scorer.llm_calls / done:.2f}")
     seconds = time.perf_counter() - start

@@ -11,6 +11,8 @@ from cascade.deferral.policy import DeferralCost, DeferralPolicy
 from cascade.learning.learner import Learner
 from cascade.messages import Decision, Demonstration, Event, LiveParams, TierOutput
 from cascade.routing.stage import Action, Stage
+from cascade.state import BudgetRequest, StateStore, cacheable, make_state
+from cascade.state.keys import cache_key
 from cascade.task import Task
 from cascade.tiers.base import Tier
 from cascade.tiers.llm import LLMBackend, call_with_retries, make_backend
@@ -80,8 +82,10 @@ class Outcome:
 
 
 class Cascade:
-    def __init__(self, config: CascadeConfig, llm: LLMBackend | None = None) -> None:
+    def __init__(self, config: CascadeConfig, llm: LLMBackend | None = None, state: StateStore | None = None) -> None:
         self.config = config
+        # The embedded default is the in-process store; pass a RedisState to share a deployment's.
+        self.state = state if state is not None else make_state(config)
         self.task = Task(config.task)
         self.params = LiveParams(mu=config.deferral.mu, thresholds=dict(config.deferral.threshold_overrides))
         self.stages = build_stages(config, self.params)
@@ -106,7 +110,13 @@ class Cascade:
         decisions: list[Decision | None] = [None] * n
         explored = [False] * n
         versions = self.model_versions()
-        pending = list(range(n))
+        keys = [cache_key(self.task.name, self.task.labels, e.text) for e in events]
+        pending = []
+        for i, hit in enumerate(self.state.get_decisions(keys, [e.id for e in events])):
+            if hit is not None:  # answered before any tier runs
+                decisions[i] = hit
+            else:
+                pending.append(i)
         for stage in self.stages:
             if not pending:
                 break
@@ -126,8 +136,12 @@ class Cascade:
                 else:
                     still.append(i)
             pending = still
-        to_llm = [i for i in range(n) if decisions[i] is None]
+        to_llm = self._take_budget(events, [i for i in range(n) if decisions[i] is None], outputs, costs, decisions, explored)
         demos = self._ask_llm(events, to_llm, outputs, costs, decisions, explored, versions)
+        self.state.put_decisions(
+            (keys[i], d) for i, d in enumerate(decisions)
+            if d is not None and cacheable(d, self.config.state.cache_cheap_answers)
+        )
         if demos:
             idx = [i for i, _ in demos]
             self.learner.learn([events[i] for i in idx], [d.llm_label for _, d in demos], [known[i] for i in idx])
@@ -137,6 +151,24 @@ class Cascade:
             Outcome(events[i], decisions[i], demo_at.get(i), outputs[i])  # type: ignore[arg-type]
             for i in range(n)
         ]
+
+    def _take_budget(
+        self, events: Sequence[Event], wanted: list[int], outputs: list[list[TierOutput]], costs: list[float],
+        decisions: list[Decision | None], explored: list[bool],
+    ) -> list[int]:
+        """The events the LLM budget allows; the rest keep the best cheap answer (budget_exhausted).
+
+        In-process there is nowhere to hold an event, so ``budget.on_exhausted: hold`` applies
+        to the Kafka LLM worker only.
+        """
+        takes = self.state.take_budgets([BudgetRequest("default", 1, 0, 0.0) for _ in wanted])
+        allowed = []
+        for i, take in zip(wanted, takes):
+            if take.allowed:
+                allowed.append(i)
+            else:
+                decisions[i] = fallback_decision(self.task, events[i], outputs[i], costs[i], "budget_exhausted", explored[i])
+        return allowed
 
     def _ask_llm(
         self,
@@ -157,6 +189,8 @@ class Cascade:
         demos = []
         for i, ans in zip(to_llm, answers):
             costs[i] += ans.cost
+            if ans.tokens_in or ans.tokens_out or ans.cost:
+                self.state.charge("default", tokens=ans.tokens_in + ans.tokens_out, money=ans.cost)
             if ans.label is not None:
                 decisions[i] = Decision(
                     event_id=events[i].id, label=ans.label, tier="llm", confidence=1.0, reason="llm",

@@ -144,3 +144,26 @@ def test_retries_back_off_then_give_up():
     with pytest.raises(LLMError):
         call_with_retries(fatal, max_retries=3, backoff_s=0.1, rng=random.Random(0), sleep=sleeps.append)
     assert len(calls) == 1
+
+
+def test_repeated_input_is_answered_from_the_cache_before_any_tier():
+    cascade = Cascade(make_config(warmup=1000))
+    first, again = event(1, "We were  GLAD that day", "joy"), event(2, "we were glad that day", "fear")
+    [a] = cascade.process([first])
+    [b] = cascade.process([again])  # same text after normalisation: the LLM's answer stands
+    assert a.decision.reason == "llm" and b.decision.reason == "cache"
+    assert b.decision.label == "joy" and b.decision.event_id == "2" and b.decision.cost == 0.0
+    assert b.outputs == [] and b.demonstration is None
+    assert cascade.stages[0].tier.version == 1
+
+
+def test_exhausted_budget_keeps_the_cheap_answer_and_says_so():
+    config = make_config(warmup=20).model_copy(
+        update={"budget": make_config().budget.model_copy(update={"calls_per_minute": 30})}
+    )
+    cascade = Cascade(config)
+    outcomes = run(cascade, easy_and_hard(100, seed=8))
+    reasons = [o.decision.reason for o in outcomes]
+    assert reasons.count("llm") + reasons.count("llm_unusable") == 30  # never over the limit
+    exhausted = [o.decision for o in outcomes if o.decision.reason == "budget_exhausted"]
+    assert exhausted and all(d.label in {"joy", "fear", None} for d in exhausted)
