@@ -37,6 +37,16 @@ class LLMWorker(Worker):
         self.tenant = tenant
         self.pool = ThreadPoolExecutor(config.llm.concurrency, thread_name_prefix="llm")
         self.rng = random.Random()
+        self.hold_until = 0.0
+
+    def _window_left(self, window: str | None) -> float:
+        """Seconds until the named budget window rolls over (windows align to the epoch); at most 5 s
+        so a budget raised by an operator is noticed soon."""
+        seconds = next((lim.seconds for lim in self.state.limits if lim.name == window), 1)
+        return min(5.0, max(0.2, seconds - time.time() % seconds))
+
+    def paused(self) -> bool:
+        return time.time() < self.hold_until
 
     def idle(self) -> None:
         self.metrics.state_errors.labels(self.role).set(sum(self.state.errors.values()))
@@ -85,9 +95,15 @@ class LLMWorker(Worker):
             if take.allowed:
                 allowed.append(i)
                 continue
-            d = items[i][1]
-            decided.append(fallback_decision(self.task, d.event, d.outputs, d.cost, "budget_exhausted", d.explored))
+            rec, d = items[i]
             self.metrics.budget_exhausted.labels(self.role).inc()
+            if self.config.budget.on_exhausted == "hold":
+                # Back onto the LLM topic (committed with the batch, so never lost), and stop
+                # fetching until the exhausted window has rolled over.
+                res.records.append(OutRecord(self.topics.llm, rec.key, rec.value))
+                self.hold_until = max(self.hold_until, time.time() + self._window_left(take.reason))
+            else:
+                decided.append(fallback_decision(self.task, d.event, d.outputs, d.cost, "budget_exhausted", d.explored))
         answers = list(self.pool.map(lambda i: self._call(items[i][1]), allowed))
         for i, ans in zip(allowed, answers):
             rec, d = items[i]

@@ -67,6 +67,10 @@ class Worker:
     def on_stop(self) -> None:
         """Before the final commit on shutdown (the learner publishes what it learned)."""
 
+    def paused(self) -> bool:
+        """While True the worker stays in its group but fetches nothing (the LLM worker holding for budget)."""
+        return False
+
     def should_commit(self) -> bool:
         """Whether everything consumed so far may be committed now (the learner waits for a snapshot)."""
         return True
@@ -104,6 +108,10 @@ class Worker:
                 if uncommitted and self.should_commit():
                     commit_batch(consumer, uncommitted)
                     uncommitted = []
+                if self.paused():
+                    consumer.pause(*consumer.assignment())
+                elif consumer.paused():
+                    consumer.resume(*consumer.paused())
                 records = poll_records(consumer, timeout_ms=500)
                 if consumer.assignment():
                     self.health.ready = True

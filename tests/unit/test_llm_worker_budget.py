@@ -1,0 +1,81 @@
+"""The LLM worker's budget handling, driven batch by batch (memory state, recorded answers)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from cascade.config import load_config
+from cascade.messages import Decision, Deferred, Demonstration, Event, TierOutput
+from workers.llm_worker import LLMWorker
+
+LLM = "test-llm"
+
+
+@dataclass
+class Rec:  # the ConsumerRecord fields a worker reads
+    topic: str
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
+
+
+def deferred(i: int, warm: bool = True) -> Rec:
+    out = TierOutput(tier="logistic", version=300, probs=[0.8, 0.2], policy_features=[0.8], p_agree=0.5 if warm else None)
+    d = Deferred(event=Event(id=f"e{i}", text=f"text number {i}", payload={"llm": {LLM: "joy"}}), outputs=[out], cost=1.0)
+    return Rec("cascade.llm", 0, i, d.event.id.encode(), d.model_dump_json().encode())
+
+
+def worker(on_exhausted: str) -> LLMWorker:
+    config = load_config(None, task={"labels": ["fear", "joy"]}, llm={"name": LLM},
+                         budget={"calls_per_hour": 5, "on_exhausted": on_exhausted})
+    return LLMWorker(config, metrics_port=0)
+
+
+def outputs(result, topic_suffix: str) -> list[dict]:
+    return [json.loads(r.value) for r in result.records if r.topic.endswith(topic_suffix)]
+
+
+def test_exhausted_budget_answers_with_the_cheap_tier():
+    w = worker("cheap_tier")
+    try:
+        result = w.process([deferred(i) for i in range(8)])
+        decisions = [Decision.model_validate(d) for d in outputs(result, "decisions")]
+        assert len(decisions) == 8
+        assert sum(d.reason == "llm" for d in decisions) == 5
+        fallback = [d for d in decisions if d.reason == "budget_exhausted"]
+        assert len(fallback) == 3 and all(d.label == "fear" and d.tier == "logistic" for d in fallback)
+        assert len(outputs(result, "demonstrations")) == 5
+        assert not w.paused()
+    finally:
+        w.health.close()
+
+
+def test_exhausted_budget_holds_events_on_the_llm_topic():
+    w = worker("hold")
+    try:
+        batch = [deferred(i) for i in range(8)]
+        result = w.process(batch)
+        assert len(outputs(result, "decisions")) == 5
+        held = [r for r in result.records if r.topic == "cascade.llm"]
+        assert sorted(r.value for r in held) == sorted(r.value for r in batch[5:])  # requeued as they were
+        assert w.paused()  # no fetching until the window rolls over
+        [Demonstration.model_validate(d) for d in outputs(result, "demonstrations")]
+    finally:
+        w.health.close()
+
+
+@pytest.mark.parametrize("on_exhausted", ["cheap_tier", "hold"])
+def test_redelivered_events_are_not_answered_twice(on_exhausted):
+    w = worker(on_exhausted)
+    try:
+        first = w.process([deferred(1)])
+        for step in first.after_produce:
+            step()
+        again = w.process([deferred(1)])
+        assert outputs(again, "decisions") == [] and w.metrics.duplicates.labels("llm")._value.get() == 1
+    finally:
+        w.health.close()
