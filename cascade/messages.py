@@ -84,6 +84,21 @@ class LiveParams(Message):
     updated_at: float = Field(default_factory=time.time)
 
 
+class RoutingSnapshot(Message):
+    """How often a stage answers and how much it is expected to disagree with the LLM when it does.
+
+    Tier workers share these through the state store: a stage's deferral cost depends on what the
+    stages above it do, and in a deployment each worker runs only its own stage.
+    """
+
+    tier: str
+    cost: float = Field(ge=0)
+    answer_rate: float = Field(ge=0, le=1)
+    answered_disagreement: float = Field(ge=0, le=1)
+    seen: int = Field(0, ge=0)
+    updated_at: float = Field(default_factory=time.time)
+
+
 class Deferred(Message):
     """An event passed up the cascade: to the next tier's topic or the LLM's."""
 

@@ -10,8 +10,8 @@ from pydantic import ValidationError
 
 from cascade.config import CascadeConfig
 from cascade.logging import get_logger
-from cascade.messages import Decision, Deferred
-from cascade.routing.cascade import build_stages
+from cascade.messages import Decision, Deferred, RoutingSnapshot
+from cascade.routing.cascade import build_stages, deferral_costs
 from cascade.routing.stage import Action, Stage
 from cascade.state import make_state
 from cascade.state.base import StateStore
@@ -87,9 +87,27 @@ class TierWorker(Worker):
         self.first = names.index(tier) == 0
         self.state = make_state(config)
         self.follower = ModelFollower(self.state, self.stage, self.role, self.metrics)
+        self._routing_at = 0.0
+
+    def share_routing(self) -> None:
+        """Publish this stage's routing and take the stages above into its deferral cost."""
+        self.state.put_routing(self.stage.routing())
+        shared = self.state.get_routing()
+        chain = [
+            self.stage.routing() if t.name == self.stage.tier.name
+            # Unknown stages above count as deferring everything: the cautious assumption.
+            else shared.get(t.name) or RoutingSnapshot(tier=t.name, cost=t.cost, answer_rate=0.0, answered_disagreement=0.0)
+            for t in self.config.tiers
+        ]
+        mine = [t.name for t in self.config.tiers].index(self.stage.tier.name)
+        self.stage.policy.defer_cost = deferral_costs(chain, self.config.llm.cost)[mine]
 
     def idle(self) -> None:
         self.follower.poll()
+        now = time.monotonic()
+        if now - self._routing_at >= 2.0:
+            self._routing_at = now
+            self.share_routing()
         self.metrics.state_errors.labels(self.role).set(sum(self.state.errors.values()))
 
     def _parse(self, rec: ConsumerRecord, res: BatchResult) -> Deferred | None:

@@ -97,8 +97,7 @@ class DeferralPolicy:
             "demonstrations": self.demonstrations,
             "since_drift": self.since_drift,
             "drifts": self.drifts,
-            "defer_cost": self.defer_cost,
-        }
+        }  # not defer_cost: it follows the routing of the stages above, wherever this policy runs
 
     def snapshot(self) -> bytes:
         return encode_snapshot(self.kind, self.version, {"tier": self.tier, **self._state()})

@@ -9,7 +9,7 @@ from typing import Any, Literal, Sequence
 from cascade.config import CascadeConfig
 from cascade.deferral.policy import DeferralCost, DeferralPolicy
 from cascade.learning.learner import Learner
-from cascade.messages import Decision, Demonstration, Event, LiveParams, TierOutput
+from cascade.messages import Decision, Demonstration, Event, LiveParams, RoutingSnapshot, TierOutput
 from cascade.routing.stage import Action, Stage
 from cascade.state import BudgetRequest, StateStore, cacheable, make_state
 from cascade.state.keys import cache_key
@@ -41,20 +41,27 @@ def build_stages(config: CascadeConfig, params: LiveParams | None = None) -> lis
     return stages
 
 
-def refresh_deferral_costs(stages: Sequence[Stage], llm_cost: float) -> None:
-    """Work down from the top: deferring from a stage costs the next stage plus what it defers.
+def deferral_costs(chain: Sequence[RoutingSnapshot], llm_cost: float) -> list[DeferralCost]:
+    """Per stage, the expected cost and disagreement of deferring, working down from the top.
 
-    Costs are in units of one LLM call; the disagreement of deferring is that of the answers
-    the stages above give (the LLM agrees with itself).
+    Deferring from a stage costs the next stage plus what that one defers; costs are in units
+    of one LLM call; the disagreement is that of the answers the stages above give (the LLM
+    agrees with itself). ``chain`` is every cheap stage's routing, in cascade order.
     """
     above = DeferralCost(cost=1.0, disagreement=0.0)
-    for stage in reversed(stages):
-        stage.policy.defer_cost = above
-        s = stage.stats
+    out = []
+    for s in reversed(chain):
+        out.append(above)
         above = DeferralCost(
-            cost=stage.tier.cost / llm_cost + (1.0 - s.answer_rate) * above.cost,
+            cost=s.cost / llm_cost + (1.0 - s.answer_rate) * above.cost,
             disagreement=s.answer_rate * s.answered_disagreement + (1.0 - s.answer_rate) * above.disagreement,
         )
+    return out[::-1]
+
+
+def refresh_deferral_costs(stages: Sequence[Stage], llm_cost: float) -> None:
+    for stage, cost in zip(stages, deferral_costs([s.routing() for s in stages], llm_cost)):
+        stage.policy.defer_cost = cost
 
 
 def fallback_decision(

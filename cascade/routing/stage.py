@@ -11,7 +11,7 @@ import numpy as np
 
 from cascade.deferral.features import confidence_features
 from cascade.deferral.policy import DeferralPolicy
-from cascade.messages import Event, LiveParams, TierOutput
+from cascade.messages import Event, LiveParams, RoutingSnapshot, TierOutput
 from cascade.tiers.base import Tier
 
 
@@ -58,6 +58,12 @@ class Stage:
         self.params = params
         self.rng = random.Random(seed)
         self.stats = RoutingStats()
+
+    def routing(self) -> RoutingSnapshot:
+        """What this stage does, as the stages below need it for their deferral costs."""
+        s = self.stats
+        return RoutingSnapshot(tier=self.tier.name, cost=self.tier.cost, answer_rate=s.answer_rate,
+                               answered_disagreement=s.answered_disagreement, seen=s.seen)
 
     def policy_features(self, probs: np.ndarray, lower: Sequence[TierOutput | None]) -> np.ndarray:
         """This tier's confidence features followed by the lower tier's (its whole chain)."""

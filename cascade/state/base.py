@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Self
 
 from cascade.config import BudgetConfig, StateConfig
-from cascade.messages import Decision, LiveParams
+from cascade.messages import Decision, LiveParams, RoutingSnapshot
 from cascade.state.records import (
     BudgetLimit,
     BudgetRequest,
@@ -191,6 +191,15 @@ class StateStore(ABC):
 
     @abstractmethod
     def set_live_params(self, params: LiveParams) -> None: ...
+
+    # ------------------------------------------------------------------ routing of each stage
+
+    @abstractmethod
+    def put_routing(self, snapshot: RoutingSnapshot) -> None:
+        """Share a stage's routing statistics (dropped in an outage: they are refreshed often)."""
+
+    @abstractmethod
+    def get_routing(self) -> dict[str, RoutingSnapshot]: ...
 
     # ------------------------------------------------------------------ idempotency
 

@@ -33,6 +33,7 @@ class KeySpace:
         self.event = prefix + "evt:"
         self.budget = prefix + "budget:"
         self.live_params = prefix + "live_params"
+        self.routing = prefix + "routing"  # hash tier -> RoutingSnapshot JSON
         self.registry_current = prefix + "reg:current"  # hash name -> current version: one poll reads all
         self.registry_channel = prefix + "reg:events"
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from cascade.config import BudgetConfig, StateConfig
 from cascade.logging import get_logger
-from cascade.messages import LiveParams
+from cascade.messages import LiveParams, RoutingSnapshot
 from cascade.state.base import StateStore, VersionCallback, registry_entry
 from cascade.state.records import BudgetLimit, BudgetRequest, BudgetTake, CachedDecision, RegistryEntry
 
@@ -84,6 +84,7 @@ class MemoryState(StateStore):
         self._current: dict[str, int] = {}
         self._listeners: list[VersionCallback] = []
         self._live_params: LiveParams | None = None
+        self._routing: dict[str, RoutingSnapshot] = {}
 
     # ------------------------------------------------------------------ cache
 
@@ -205,6 +206,14 @@ class MemoryState(StateStore):
     def set_live_params(self, params: LiveParams) -> None:
         with self._lock:
             self._live_params = params.model_copy(deep=True)
+
+    def put_routing(self, snapshot: RoutingSnapshot) -> None:
+        with self._lock:
+            self._routing[snapshot.tier] = snapshot
+
+    def get_routing(self) -> dict[str, RoutingSnapshot]:
+        with self._lock:
+            return dict(self._routing)
 
     # ------------------------------------------------------------------ idempotency
 

@@ -21,7 +21,7 @@ from redis.retry import Retry
 
 from cascade.config import BudgetConfig, RedisConfig, StateConfig
 from cascade.logging import get_logger
-from cascade.messages import LiveParams
+from cascade.messages import LiveParams, RoutingSnapshot
 from cascade.state import lua
 from cascade.state.base import StateStore, StateUnavailable, VersionCallback, registry_entry
 from cascade.state.keys import KeySpace
@@ -325,6 +325,14 @@ class RedisState(StateStore):
     def set_live_params(self, params: LiveParams) -> None:
         body = params.model_dump_json()
         self._call("set_live_params", lambda: self.client.set(self.keys.live_params, body), _RAISE)
+
+    def put_routing(self, snapshot: RoutingSnapshot) -> None:
+        body = snapshot.model_dump_json()
+        self._call("put_routing", lambda: self.client.hset(self.keys.routing, snapshot.tier, body), None)
+
+    def get_routing(self) -> dict[str, RoutingSnapshot]:
+        raw = self._call("get_routing", lambda: self.client.hgetall(self.keys.routing), {})
+        return {k.decode(): RoutingSnapshot.model_validate_json(v) for k, v in raw.items()}
 
     # ------------------------------------------------------------------ idempotency
 

@@ -20,6 +20,7 @@ from kafka import KafkaConsumer
 
 from cascade.config import load_config
 from cascade.messages import DeadLetter, Decision
+from cascade.state import make_state
 from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
 from workers.local_services import free_port
 from workers.run import collect_decisions, start_workers, stop_workers
@@ -69,20 +70,29 @@ def read_all(config, topic: str, idle_s: float = 3.0) -> list[bytes]:
         consumer.close()
 
 
-def test_every_event_gets_exactly_one_decision(pipeline_config, tmp_path):
+def test_every_event_gets_exactly_one_decision_through_two_tiers(pipeline_config, tmp_path):
+    config = pipeline_config.model_copy(update={"tiers": [
+        pipeline_config.tiers[0].model_copy(update={"name": "fast"}),
+        pipeline_config.tiers[0].model_copy(update={"name": "second", "cost": 5.0}),
+    ]})
+    ensure_topics(config.kafka.bootstrap_servers, Topics(config).all(), 2)
     rows = events(2000)
-    procs = start_workers(pipeline_config, tmp_path, free_port())
+    procs = start_workers(config, tmp_path, free_port())
     try:
-        produce(pipeline_config, [json.dumps(r).encode() for r in rows], [r["id"].encode() for r in rows])
-        found = collect_decisions(pipeline_config, {r["id"] for r in rows}, timeout_s=180, progress=False)
+        produce(config, [json.dumps(r).encode() for r in rows], [r["id"].encode() for r in rows])
+        found = collect_decisions(config, {r["id"] for r in rows}, timeout_s=180, progress=False)
+        routing = make_state(config).get_routing()
     finally:
         stop_workers(procs)
     assert set(found) == {r["id"] for r in rows}
-    decisions = [Decision.model_validate_json(v) for v in read_all(pipeline_config, Topics(pipeline_config).decisions)]
+    decisions = [Decision.model_validate_json(v) for v in read_all(config, Topics(config).decisions)]
     ids = [d.event_id for d in decisions]
     assert len(ids) == len(set(ids)) == 2000
     assert {d.reason for d in decisions} <= {"llm", "tier", "cache"}
     assert any(d.tier == "llm" for d in decisions)
+    assert set(routing) == {"fast", "second"}  # both stages shared their routing for the deferral costs
+    # Events deferred (not explored) to the LLM passed through both tiers, whose versions they record.
+    assert all(set(d.model_versions) == {"fast", "second"} for d in decisions if d.reason == "llm" and not d.explored)
     assert all(p.returncode == 0 for p in procs)  # SIGTERM: clean exit
 
 

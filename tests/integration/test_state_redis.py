@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from cascade.config import BudgetConfig, RedisConfig, StateConfig
-from cascade.messages import Decision, LiveParams
+from cascade.messages import Decision, LiveParams, RoutingSnapshot
 from cascade.state import BudgetLimit, BudgetRequest, MemoryState, StateStore, StateUnavailable
 from cascade.state.redis_store import RedisState
 from workers.local_services import RedisHandle
@@ -191,6 +191,19 @@ def test_live_params_round_trip(make_store: StoreFactory) -> None:
     assert s.get_live_params() == p
     s.set_live_params(p.model_copy(update={"mu": 2.0}))
     assert s.get_live_params().mu == 2.0  # type: ignore[union-attr]
+
+
+def test_routing_snapshots_are_shared_per_tier(make_store: StoreFactory) -> None:
+    writer, reader = make_store(), make_store()
+    if isinstance(writer, MemoryState):
+        reader = writer  # one process shares one store
+    assert reader.get_routing() == {}
+    a = RoutingSnapshot(tier="logistic", cost=1.0, answer_rate=0.4, answered_disagreement=0.1, seen=10)
+    b = RoutingSnapshot(tier="onnx", cost=5.0, answer_rate=0.7, answered_disagreement=0.2, seen=6)
+    writer.put_routing(a)
+    writer.put_routing(b)
+    writer.put_routing(a.model_copy(update={"answer_rate": 0.5}))
+    assert reader.get_routing() == {"logistic": a.model_copy(update={"answer_rate": 0.5}), "onnx": b}
 
 
 def test_idempotency_claims_and_release(make_store: StoreFactory) -> None:

@@ -167,3 +167,18 @@ def test_exhausted_budget_keeps_the_cheap_answer_and_says_so():
     assert reasons.count("llm") + reasons.count("llm_unusable") == 30  # never over the limit
     exhausted = [o.decision for o in outcomes if o.decision.reason == "budget_exhausted"]
     assert exhausted and all(d.label in {"joy", "fear", None} for d in exhausted)
+
+
+def test_deferral_costs_work_down_from_the_top():
+    from cascade.messages import RoutingSnapshot
+    from cascade.routing.cascade import deferral_costs
+
+    chain = [
+        RoutingSnapshot(tier="logistic", cost=1.0, answer_rate=0.5, answered_disagreement=0.1),
+        RoutingSnapshot(tier="onnx", cost=10.0, answer_rate=0.6, answered_disagreement=0.2),
+    ]
+    low, high = deferral_costs(chain, llm_cost=100.0)
+    assert (high.cost, high.disagreement) == (1.0, 0.0)  # above the last cheap tier: the LLM
+    # Deferring from the logistic tier: the onnx call, plus the LLM for the 40% onnx defers.
+    assert low.cost == pytest.approx(0.1 + 0.4 * 1.0)
+    assert low.disagreement == pytest.approx(0.6 * 0.2)
