@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_ENV = "CASCADE_CONFIG"
@@ -129,6 +129,35 @@ class LLMConfig(_Section):
     max_retries: int = Field(5, ge=0)
     retry_backoff_s: float = Field(0.5, gt=0)
     concurrency: int = Field(8, gt=0)
+    # backend "openai": any OpenAI-compatible chat-completions server (OpenAI, vLLM, TGI, Ollama,
+    # llama.cpp). The key comes from api_key (env CASCADE_LLM__API_KEY), else the environment
+    # variable named by api_key_env, else api_key_file; it is never logged nor written out.
+    base_url: str = Field("http://127.0.0.1:8080/v1", description="OpenAI-compatible API root (…/v1)")
+    api_key: SecretStr | None = None
+    api_key_env: str | None = Field(None, description="name of an environment variable holding the key")
+    api_key_file: Path | None = Field(None, description="file holding the key (first line)")
+    timeout_s: float = Field(30.0, gt=0, description="per HTTP request (connect and each read)")
+    max_tokens: int = Field(32, gt=0, description="completion tokens per answer")
+    temperature: float = Field(0.0, ge=0)
+    # {instructions}, {labels}, {labels_json}, {task} and {text} are replaced; None = the default.
+    system_prompt: str | None = None
+    user_prompt: str | None = None
+    structured_output: Literal["json_schema", "json_object", "off"] = Field(
+        "json_schema",
+        description="response_format to ask for: OpenAI json_schema, json_object with a schema "
+        "(llama.cpp, vLLM), or none; a server that rejects it is asked with the next one",
+    )
+    cost_per_1k_prompt_tokens: float = Field(0.0, ge=0, description="with the next: cost from usage instead of `cost`")
+    cost_per_1k_completion_tokens: float = Field(0.0, ge=0)
+    circuit_failures: int = Field(5, gt=0, description="consecutive failures that open the circuit")
+    circuit_open_s: float = Field(30.0, gt=0, description="seconds the open circuit refuses calls")
+    max_retry_after_s: float = Field(60.0, ge=0, description="cap on a server's Retry-After")
+
+    @field_serializer("api_key")
+    def _no_key_in_dumps(self, key: SecretStr | None) -> None:
+        # Dumps (cascade run writes the config for its workers) never carry the key; the
+        # workers read it from the environment or api_key_file like their parent.
+        return None
 
 
 class KafkaConfig(_Section):

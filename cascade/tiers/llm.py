@@ -18,10 +18,11 @@ from cascade.task import Task
 class LLMError(Exception):
     """A failed LLM call. ``retryable`` failures are retried with backoff, the rest dead-lettered."""
 
-    def __init__(self, reason: str, detail: str = "", retryable: bool = True) -> None:
+    def __init__(self, reason: str, detail: str = "", retryable: bool = True, retry_after_s: float | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.retryable = retryable
+        self.retry_after_s = retry_after_s  # the server's Retry-After (or an open circuit's wait), if any
 
 
 class LLMBackend(ABC):
@@ -79,6 +80,10 @@ class RecordedAnswers(LLMBackend):
 def make_backend(task: Task, config: LLMConfig) -> LLMBackend:
     if config.backend == "recorded":
         return RecordedAnswers(task, config)
+    if config.backend == "openai":
+        from cascade.tiers.openai_compat import OpenAIBackend
+
+        return OpenAIBackend(task, config)
     raise NotImplementedError(f"LLM backend {config.backend!r} is not available in this build")
 
 
@@ -90,7 +95,8 @@ def call_with_retries(
     sleep: Callable[[float], None] = time.sleep,
     on_retry: Callable[[int, LLMError], None] | None = None,
 ) -> list[LLMAnswer]:
-    """Exponential backoff with full jitter; non-retryable errors and the last failure propagate."""
+    """Exponential backoff with full jitter (at least the error's ``retry_after_s`` when it has one);
+    non-retryable errors and the last failure propagate."""
     attempt = 0
     while True:
         try:
@@ -100,5 +106,6 @@ def call_with_retries(
                 raise
             if on_retry is not None:
                 on_retry(attempt, e)
-            sleep(rng.uniform(0, backoff_s * (2**attempt)))
+            delay = rng.uniform(0, backoff_s * (2**attempt))
+            sleep(max(delay, e.retry_after_s or 0.0))
             attempt += 1

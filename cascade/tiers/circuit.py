@@ -1,0 +1,84 @@
+"""A circuit breaker: stop calling an endpoint that keeps failing, for a while.
+
+Closed: calls go through; ``failure_threshold`` consecutive failures open it. Open: every call
+is refused at once (``CircuitOpen``, with the seconds until it half-opens) for ``open_s``
+seconds. Half-open: one trial call goes through (the others are refused); its success closes
+the circuit, its failure opens it again for another ``open_s``. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Literal
+
+State = Literal["closed", "open", "half_open"]
+
+
+class CircuitOpen(Exception):
+    """The circuit refuses calls; ``retry_in_s`` until it lets a trial call through."""
+
+    def __init__(self, retry_in_s: float) -> None:
+        super().__init__(f"circuit open, next trial in {retry_in_s:.1f}s")
+        self.retry_in_s = retry_in_s
+
+
+class CircuitBreaker:
+    def __init__(self, failure_threshold: int, open_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if failure_threshold < 1 or open_s <= 0:
+            raise ValueError("failure_threshold must be >= 1 and open_s > 0")
+        self.failure_threshold = failure_threshold
+        self.open_s = open_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._trial_in_flight = False
+        self.opened_count = 0  # how often it opened (for logs and tests)
+
+    @property
+    def state(self) -> State:
+        with self._lock:
+            return self._state()
+
+    def _state(self) -> State:
+        if self._opened_at is None:
+            return "closed"
+        if self._clock() - self._opened_at < self.open_s:
+            return "open"
+        return "half_open"
+
+    def before_call(self) -> None:
+        """Raise CircuitOpen when the call must not be made now."""
+        with self._lock:
+            state = self._state()
+            if state == "closed":
+                return
+            if state == "open":
+                assert self._opened_at is not None
+                raise CircuitOpen(self.open_s - (self._clock() - self._opened_at))
+            if self._trial_in_flight:
+                raise CircuitOpen(0.0)
+            self._trial_in_flight = True
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._opened_at = None
+            self._trial_in_flight = False
+
+    def record_failure(self) -> bool:
+        """Count a failure; True when this failure opened the circuit."""
+        with self._lock:
+            self._failures += 1
+            was_trial, self._trial_in_flight = self._trial_in_flight, False
+            if was_trial or (self._opened_at is None and self._failures >= self.failure_threshold):
+                self._opened_at = self._clock()
+                self.opened_count += 1
+                return True
+            return False
+
+    def release(self) -> None:
+        """A call that ended neither in success nor in an endpoint failure (a 4xx, say)."""
+        with self._lock:
+            self._trial_in_flight = False
