@@ -97,6 +97,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from cascade.evaluation.data import labels_of
+    from cascade.replay.analysis import TargetError, parse_target
+    from cascade.replay.command import load_file, load_topic_range, print_report, replay
+    from cascade.replay.sweep import DEFAULT_SWEEP, SweepError, parse_sweep
+
+    overrides: dict[str, Any] = {}
+    if args.llm:
+        overrides["llm"] = {"name": args.llm}
+    if args.data is not None and not args.config:  # no task configured: the stream's own label set
+        from cascade.evaluation.data import read_stream
+
+        rows = read_stream(args.data)
+        overrides["task"] = {"name": Path(args.data).name.split(".")[0], "labels": sorted(labels_of(rows))}
+    config = _config(args, **overrides)
+    try:
+        settings = parse_sweep(args.sweep or [DEFAULT_SWEEP], [t.name for t in config.tiers])
+        target = parse_target(args.target) if args.target else None
+    except (SweepError, TargetError) as e:
+        raise ConfigError(f"replay: {e}") from None
+    if args.apply and target is None:
+        raise ConfigError("replay: --apply needs --target (which setting to apply)")
+    progress = not args.quiet
+    if args.data is not None:
+        try:
+            frm = None if args.from_ is None else int(args.from_)
+            to = None if args.to is None else int(args.to)
+        except ValueError:
+            raise ConfigError("replay: with --data, --from/--to are row indices") from None
+        loaded = load_file(args.data, frm, to, args.shuffle_seed)
+    else:
+        from workers.topics import Topics
+
+        topics = Topics(config)
+        topic = {"events": topics.events, "decisions": topics.decisions}.get(args.topic, args.topic)
+        loaded = load_topic_range(config, topic, args.from_, args.to, args.gold_field or None, progress)
+    report = replay(
+        config, loaded, settings, target=target, apply=args.apply, plot=None if args.no_plot else args.plot,
+        batch_size=args.batch_size, processes=args.processes, events_per_hour=args.events_per_hour,
+        progress=progress, live_sources=args.data is None, exploration_scale=args.exploration_scale,
+    )
+    if args.json:
+        sys.stdout.write(report.model_dump_json() + "\n")
+    else:
+        print_report(report)
+    return 0 if target is None or (report.recommendation and report.recommendation.index is not None) else 3
+
+
 def _key_value(text: str) -> tuple[str, float]:
     key, sep, value = text.partition("=")
     try:
@@ -169,6 +217,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("replay", help="re-run a recorded range offline with recorded LLM answers; sweep mu; apply")
+    src = rp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--topic", help="topic to replay: 'events', 'decisions' (under the configured prefix) or a full name")
+    src.add_argument("--data", type=Path, help="a file in the ../shared/data format instead of a topic")
+    rp.add_argument("--from", dest="from_", default=None,
+                    help="start, inclusive: offset per partition (negative: from the end) or ISO time; rows for --data")
+    rp.add_argument("--to", default=None, help="end, exclusive: offset per partition or ISO time; rows for --data")
+    rp.add_argument("--llm", default=None, help="whose recorded answers to join (default: llm.name of the config)")
+    rp.add_argument("--sweep", action="append", metavar="NAME=SPEC",
+                    help="mu or threshold.TIER = lo:hi:linN | lo:hi:logN | a,b,c (repeatable: grid); "
+                         "default mu=0.02:1:log10")
+    rp.add_argument("--target", default=None, metavar="NAME=X",
+                    help="budget_per_hour, llm_calls_per_hour, max_llm_fraction (best setting within it), "
+                         "max_disagreement, min_accuracy (cheapest setting meeting it)")
+    rp.add_argument("--apply", action="store_true", help="write the recommended setting to the live parameters (Redis)")
+    rp.add_argument("--plot", type=Path, default=Path("replay.png"), help="PNG to write (default replay.png)")
+    rp.add_argument("--no-plot", action="store_true")
+    rp.add_argument("--events-per-hour", type=float, default=None, help="event rate for budgets (default: from timestamps)")
+    rp.add_argument("--gold-field", default="label", help="event field with a gold label, if any ('' for none)")
+    rp.add_argument("--shuffle-seed", type=int, default=None, help="--data only: shuffle the rows first")
+    rp.add_argument("--batch-size", type=int, default=1, help="events per cascade step (as in simulate)")
+    rp.add_argument("--processes", type=int, default=None, help="settings replayed in parallel (default: CPUs)")
+    rp.add_argument("--exploration-scale", type=float, default=0.0,
+                    help="exploration during the replay (default 0: off, deterministic and monotone curves)")
+    rp.add_argument("--json", action="store_true", help="print one JSON report on stdout")
+    rp.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    rp.set_defaults(func=cmd_replay)
     return p
 
 
