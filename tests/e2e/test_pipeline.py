@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -144,3 +145,43 @@ def test_malformed_events_are_dead_lettered_and_the_rest_answered(pipeline_confi
         assert base64.b64decode(by_reason[reason].original_b64) == raw  # nothing lost
         assert by_reason[reason].detail
     assert all(p.returncode == 0 for p in procs)
+
+
+def wait_ready(cmd: list[str], timeout_s: float = 120.0) -> None:
+    """Until the worker started with ``cmd`` answers /readyz (joined its group, consuming)."""
+    port = cmd[cmd.index("--metrics-port") + 1]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"worker on port {port} not ready in {timeout_s} s")
+
+
+def test_rebalances_lose_nothing(pipeline_config, tmp_path):
+    """A second replica joins mid-stream, then the first leaves on SIGTERM: two rebalances."""
+    rows = events(3000, seed=3)
+    procs = start_workers(pipeline_config, tmp_path, free_port())
+    replica_cmd = list(procs[0].args)
+    replica_cmd[replica_cmd.index("--metrics-port") + 1] = str(free_port())
+    try:
+        wait_ready(procs[0].args)
+        produce(pipeline_config, [json.dumps(r).encode() for r in rows[:1000]], [r["id"].encode() for r in rows[:1000]])
+        logf = (tmp_path / "tier-replica.log").open("ab")
+        procs.append(subprocess.Popen(replica_cmd, stdout=logf, stderr=logf, env=dict(os.environ)))
+        produce(pipeline_config, [json.dumps(r).encode() for r in rows[1000:2000]], [r["id"].encode() for r in rows[1000:2000]])
+        wait_ready(replica_cmd)  # joined: the group rebalanced onto two members
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(30) == 0  # finished its batch, committed, left the group
+        produce(pipeline_config, [json.dumps(r).encode() for r in rows[2000:]], [r["id"].encode() for r in rows[2000:]])
+        found = collect_decisions(pipeline_config, {r["id"] for r in rows}, timeout_s=240, progress=False)
+    finally:
+        stop_workers(procs)
+    assert set(found) == {r["id"] for r in rows}
+    ids = [Decision.model_validate_json(v).event_id for v in read_all(pipeline_config, Topics(pipeline_config).decisions)]
+    assert len(ids) == len(set(ids)) == 3000
+    assert "started" in (tmp_path / "tier-replica.log").read_text()
