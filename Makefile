@@ -27,11 +27,23 @@ simulate: install
 
 # Unit, integration (real Tansu broker and real Redis, started by the test fixtures when absent)
 # and end-to-end tests. pytest exits 5 when it collected no test: make fails on it like any error.
-test: install
+test: install local-llm
 	$(BIN)/python -m pytest -q
 
 test-unit: install
 	$(BIN)/python -m pytest -q tests/unit
+
+# The real local LLM server (llama-cpp-python + SmolLM2-135M) for the openai backend's tests and
+# demo-local: built once per machine (about 4 minutes) and cached in ~/.cache/streaming-cascade/wheels.
+.PHONY: local-llm demo-local
+LOCAL_LIMIT ?= 400
+local-llm: install
+	bash scripts/install_local_llm.sh $(BIN)/python
+
+# The demo with a live LLM instead of recorded answers: SmolLM2-135M-Instruct served by llama.cpp
+# on 127.0.0.1:8080 (started if nothing answers there), over the first LOCAL_LIMIT shuffled events.
+demo-local: install local-llm
+	$(BIN)/cascade run --start-services --llm-server local --data $(DATA)/isear.jsonl.gz --shuffle-seed 0 --mu 0.3 --limit $(LOCAL_LIMIT)
 
 bench: install
 	$(BIN)/python bench/cascade_sweep.py --data-dir $(DATA)

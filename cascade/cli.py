@@ -74,6 +74,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"state": {"backend": "redis"}}
     if args.llm:
         overrides["llm"] = {"name": args.llm, "backend": "recorded"}
+    if args.llm_server:  # a live OpenAI-compatible server instead of recorded answers
+        from workers.local_llm import MODEL_NAME
+
+        llm: dict[str, Any] = {"backend": "openai"}
+        if args.llm_server != "local":
+            llm["base_url"] = args.llm_server
+        if args.llm or args.llm_server == "local":
+            llm["name"] = args.llm or MODEL_NAME
+        overrides["llm"] = llm
     if args.mu is not None:
         overrides["deferral"] = {"mu": args.mu}
     if rows is not None and not args.config:
@@ -84,6 +93,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from workers.local_services import ensure_redis, ensure_tansu
 
         services = [ensure_redis(config.redis.url, run_dir=args.run_dir), ensure_tansu(config.kafka.bootstrap_servers, run_dir=args.run_dir)]
+    if args.llm_server == "local":
+        from workers.local_llm import ensure_llm_server
+
+        services.append(ensure_llm_server(config.llm.base_url, run_dir=args.run_dir))
     try:
         report, _ = run_pipeline(config, rows, args.run_dir, args.base_port, args.timeout, progress=not args.quiet)
     finally:
@@ -207,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the whole pipeline on one machine (all workers as processes)")
     r.add_argument("--data", type=Path, default=None, help="feed this recorded file and report when all is answered")
     r.add_argument("--llm", default=None, help="whose recorded answers play the LLM")
+    r.add_argument("--llm-server", default=None, metavar="URL|local",
+                   help="ask a live OpenAI-compatible server at URL (…/v1) instead; 'local' starts SmolLM2 on "
+                        "llama-cpp-python at llm.base_url (scripts/install_local_llm.sh installs it)")
     r.add_argument("--shuffle-seed", type=int, default=None)
     r.add_argument("--limit", type=int, default=None)
     r.add_argument("--mu", type=float, default=None)

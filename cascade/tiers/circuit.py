@@ -2,8 +2,11 @@
 
 Closed: calls go through; ``failure_threshold`` consecutive failures open it. Open: every call
 is refused at once (``CircuitOpen``, with the seconds until it half-opens) for ``open_s``
-seconds. Half-open: one trial call goes through (the others are refused); its success closes
-the circuit, its failure opens it again for another ``open_s``. Thread-safe.
+seconds. Half-open: calls go through again as trials (as many as the caller's concurrency, which
+the LLM worker bounds); the first success closes the circuit, a failure opens it again for
+another ``open_s``. Letting the concurrent callers through, rather than one trial while the
+others are refused, keeps them from using up their retries while a slow trial is in flight.
+Thread-safe.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._failures = 0
         self._opened_at: float | None = None
-        self._trial_in_flight = False
         self.opened_count = 0  # how often it opened (for logs and tests)
 
     @property
@@ -51,28 +53,21 @@ class CircuitBreaker:
     def before_call(self) -> None:
         """Raise CircuitOpen when the call must not be made now."""
         with self._lock:
-            state = self._state()
-            if state == "closed":
-                return
-            if state == "open":
+            if self._state() == "open":
                 assert self._opened_at is not None
                 raise CircuitOpen(self.open_s - (self._clock() - self._opened_at))
-            if self._trial_in_flight:
-                raise CircuitOpen(0.0)
-            self._trial_in_flight = True
 
     def record_success(self) -> None:
         with self._lock:
             self._failures = 0
             self._opened_at = None
-            self._trial_in_flight = False
 
     def record_failure(self) -> bool:
         """Count a failure; True when this failure opened the circuit."""
         with self._lock:
             self._failures += 1
-            was_trial, self._trial_in_flight = self._trial_in_flight, False
-            if was_trial or (self._opened_at is None and self._failures >= self.failure_threshold):
+            state = self._state()
+            if state == "half_open" or (state == "closed" and self._failures >= self.failure_threshold):
                 self._opened_at = self._clock()
                 self.opened_count += 1
                 return True
@@ -80,5 +75,3 @@ class CircuitBreaker:
 
     def release(self) -> None:
         """A call that ended neither in success nor in an endpoint failure (a 4xx, say)."""
-        with self._lock:
-            self._trial_in_flight = False

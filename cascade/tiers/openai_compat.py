@@ -7,9 +7,10 @@ thread, so it is safe under the LLM worker's thread pool) — no SDK, no extra d
 * Prompt: a system and a user template (``LLMConfig.system_prompt`` / ``user_prompt``) filled
   with the task's instructions, its labels and the event's text.
 * Structured output: ``response_format`` asks for ``{"label": <one of the labels>}`` — as an
-  OpenAI ``json_schema``, or as llama.cpp/vLLM's ``json_object`` with a schema. A server that
-  rejects the format (400/422) is asked again with the next one down (json_schema → json_object
-  → none) and, once that works, keeps being asked that way.
+  OpenAI ``json_schema``, or as llama-cpp-python's ``json_object`` with a schema. A server that
+  rejects the format (400/422, or an error that names response_format: llama-cpp-python answers
+  ``json_schema`` with a 500) is asked again with the next one down (json_schema → json_object →
+  none) and, once that works, keeps being asked that way.
 * Parsing: a JSON ``{"label": ...}``, else the whole answer, else the first label mentioned,
   mapped with ``Task.map_answer``; an answer that names no label is ``label=None``, never guessed.
 * Failures: 429, 5xx, 408, timeouts, connection errors and malformed responses raise
@@ -93,6 +94,14 @@ def retry_after_seconds(value: str | None, cap: float, now: float | None = None)
             return None
         seconds = when.timestamp() - (time.time() if now is None else now)
     return min(max(seconds, 0.0), cap)
+
+
+def _rejects_format(status: int, payload: bytes) -> bool:
+    """A 400/422, or any error naming the response format: llama-cpp-python answers an unknown
+    ``response_format.type`` with a 500 carrying the validation error."""
+    if status in (400, 422):
+        return True
+    return status >= 400 and status != 429 and b"response_format" in payload
 
 
 class AnswerParser:
@@ -283,8 +292,8 @@ class OpenAIBackend(LLMBackend):
             except (OSError, http.client.HTTPException) as e:
                 raise self._fail("connection_error", f"{type(e).__name__}: {e}", retryable=True,
                                  endpoint_failure=True) from None
-            if status in (400, 422) and fmt != "off":
-                # Maybe the server does not support this response_format: ask with the next one.
+            if fmt != "off" and _rejects_format(status, payload):
+                # The server does not support this response_format (or maybe it does not): ask with the next one.
                 lower = FORMATS[FORMATS.index(fmt) + 1]
                 log.info("llm_response_format_rejected", response_format=fmt, status=status, trying=lower,
                          detail=payload[:200].decode(errors="replace"))

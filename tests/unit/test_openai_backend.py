@@ -152,6 +152,19 @@ def test_response_format_rejection_falls_back_and_sticks(serve) -> None:
     assert len(srv.requests) == 4  # no more rejected attempts
 
 
+def test_server_error_naming_the_format_falls_back(serve) -> None:
+    # llama-cpp-python's answer to response_format json_schema: a 500 with the validation error.
+    def handler(body: dict, h: dict) -> Reply:
+        if (body.get("response_format") or {}).get("type") == "json_schema":
+            return 500, {}, b'{"error": {"message": "body.response_format.type: Input should be text or json_object"}}'
+        return completion('{"label": "joy"}')
+
+    srv = serve(handler)
+    b = backend(srv.url)
+    assert b.answer([EV])[0].label == "joy" and b.structured_output == "json_object"
+    assert b.breaker.state == "closed" and b.breaker._failures == 0
+
+
 def test_real_bad_request_is_not_retryable(serve) -> None:
     srv = serve(lambda body, h: (400, {}, b'{"error": "context length exceeded"}'))
     with pytest.raises(LLMError) as ei:
@@ -334,10 +347,15 @@ def test_circuit_breaker_states() -> None:
     assert ei.value.retry_in_s == 10.0
     now[0] = 10.0
     assert cb.state == "half_open"
-    cb.before_call()  # the trial
-    with pytest.raises(CircuitOpen):
-        cb.before_call()  # only one trial at a time
-    cb.release()
+    cb.before_call()  # trials go through
+    cb.before_call()
+    assert cb.record_failure() is True  # a failed trial opens it again
+    assert cb.state == "open" and cb.opened_count == 2
+    now[0] = 15.0
+    cb.record_failure()  # a straggler's failure while open does not extend it
+    now[0] = 20.0
     cb.before_call()
     cb.record_success()
-    assert cb.state == "closed" and cb.opened_count == 1
+    assert cb.state == "closed"
+    cb.record_failure()
+    assert cb.state == "closed"  # the count starts afresh after a success
