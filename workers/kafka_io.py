@@ -44,10 +44,10 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
-from kafka.producer.future import RecordMetadata
+from kafka.producer.future import FutureRecordMetadata, RecordMetadata
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from cascade.config import KafkaConfig
@@ -209,18 +209,9 @@ def make_producer(
     return producer
 
 
-def produce_and_flush(
-    producer: KafkaProducer,
-    records: Iterable[OutRecord | tuple[str, bytes | None, bytes]],
-    *,
-    timeout_s: float = 30.0,
-) -> list[RecordMetadata]:
-    """Send every record and return only after the broker acknowledged all of them.
-
-    Returns the metadata (partition, offset) in input order. Raises :class:`ProduceError`
-    if any record failed or the acknowledgements did not arrive within ``timeout_s``;
-    the caller must then not commit its input offsets.
-    """
+def send_records(producer: KafkaProducer, records: Iterable[OutRecord | tuple[str, bytes | None, bytes]],
+                 *, timeout_s: float = 30.0) -> list[FutureRecordMetadata]:
+    """Hand records to the producer's I/O thread without waiting; pair with :func:`await_acks`."""
     futures = []
     try:
         for rec in records:
@@ -233,6 +224,16 @@ def produce_and_flush(
         # sent before it are still in flight, so wait for them before reporting.
         _drain(producer, timeout_s)
         raise ProduceError(f"send failed after {len(futures)} records: {e}") from e
+    return futures
+
+
+def await_acks(producer: KafkaProducer, futures: Sequence[FutureRecordMetadata], *, timeout_s: float = 30.0) -> list[RecordMetadata]:
+    """Return only after the broker acknowledged every record of ``futures``.
+
+    Returns the metadata (partition, offset) in order. Raises :class:`ProduceError` if any
+    record failed or the acknowledgements did not arrive within ``timeout_s``; the caller
+    must then not commit its input offsets.
+    """
     if not futures:
         return []
     deadline = time.monotonic() + timeout_s
@@ -250,6 +251,16 @@ def produce_and_flush(
     if failures:
         raise ProduceError(f"{len(failures)} of {len(futures)} records failed: {failures[0]!r}") from failures[0]
     return results
+
+
+def produce_and_flush(
+    producer: KafkaProducer,
+    records: Iterable[OutRecord | tuple[str, bytes | None, bytes]],
+    *,
+    timeout_s: float = 30.0,
+) -> list[RecordMetadata]:
+    """Send every record and return only after the broker acknowledged all of them."""
+    return await_acks(producer, send_records(producer, records, timeout_s=timeout_s), timeout_s=timeout_s)
 
 
 def _drain(producer: KafkaProducer, timeout_s: float) -> None:
@@ -271,6 +282,7 @@ def make_consumer(
     max_poll_records: int | None = None,
     max_poll_interval_ms: int = 300_000,
     fetch_max_wait_ms: int = 100,
+    listener: ConsumerRebalanceListener | None = None,
     **overrides: Any,
 ) -> KafkaConsumer:
     """A group member with manual commits that starts from the earliest offset.
@@ -297,7 +309,7 @@ def make_consumer(
     consumer = KafkaConsumer(**conf)
     if not conf["allow_auto_create_topics"]:
         _forbid_topic_auto_creation(getattr(consumer, "_cluster", None))
-    consumer.subscribe(list(topics))
+    consumer.subscribe(list(topics), listener=listener)
     return consumer
 
 

@@ -17,7 +17,6 @@ from cascade.learning.learner import Learner
 from cascade.logging import get_logger
 from cascade.messages import Demonstration, Event
 from cascade.routing.cascade import build_stages
-from cascade.state import make_state
 from workers.loop import BatchResult, Worker, dead_letter
 from workers.tier_worker import load_latest, model_names
 from workers.topics import Topics
@@ -32,7 +31,6 @@ class LearnerWorker(Worker):
                  publish_every: int = 200, publish_interval_s: float = 5.0) -> None:
         topics = Topics(config)
         super().__init__(config, [topics.demonstrations], topics.group("learner"), metrics_port)
-        self.state = make_state(config)
         self.stages = build_stages(config)
         for stage in self.stages:
             loaded = load_latest(self.state, stage)
@@ -57,7 +55,6 @@ class LearnerWorker(Worker):
             self.publish()
 
     def idle(self) -> None:
-        self.metrics.state_errors.labels(self.role).set(sum(self.state.errors.values()))
         if self.due():
             self.publish()
 

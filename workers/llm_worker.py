@@ -14,7 +14,7 @@ from cascade.config import CascadeConfig
 from cascade.logging import get_logger
 from cascade.messages import Decision, Deferred, Demonstration, LLMAnswer
 from cascade.routing.cascade import fallback_decision
-from cascade.state import BudgetRequest, cacheable, make_state
+from cascade.state import BudgetRequest, cacheable
 from cascade.state.keys import cache_key
 from cascade.task import Task
 from cascade.tiers.llm import LLMError, call_with_retries, make_backend
@@ -33,7 +33,6 @@ class LLMWorker(Worker):
         super().__init__(config, [topics.llm], topics.group("llm"), metrics_port)
         self.task = Task(config.task)
         self.backend = make_backend(self.task, config.llm)
-        self.state = make_state(config)
         self.tenant = tenant
         self.pool = ThreadPoolExecutor(config.llm.concurrency, thread_name_prefix="llm")
         self.rng = random.Random()
@@ -47,9 +46,6 @@ class LLMWorker(Worker):
 
     def paused(self) -> bool:
         return time.time() < self.hold_until
-
-    def idle(self) -> None:
-        self.metrics.state_errors.labels(self.role).set(sum(self.state.errors.values()))
 
     def _call(self, d: Deferred) -> LLMAnswer | LLMError:
         def retry(attempt: int, err: LLMError) -> None:
@@ -77,7 +73,7 @@ class LLMWorker(Worker):
                 continue
             items.setdefault(d.event.id, (rec, d))
         ids = list(items)
-        fresh = [i for i, done in zip(ids, self.state.seen(ids)) if not done]
+        fresh = self.undecided(ids)
         self.metrics.duplicates.labels(self.role).inc(len(records) - len(fresh))
         keys = {i: cache_key(self.task.name, self.task.labels, items[i][1].event.text) for i in fresh}
         decided: list[Decision] = []
@@ -133,11 +129,9 @@ class LLMWorker(Worker):
                 self.metrics.event_latency.labels(self.role).observe(time.time() - items[dec.event_id][1].first_seen)
         for demo in demos:
             res.records.append(OutRecord(self.topics.demonstrations, demo.event_id.encode(), demo.model_dump_json().encode()))
+        self.record_decided(res, [d.event_id for d in decided])
         if decided:
-            def record() -> None:
-                self.state.claim_events([d.event_id for d in decided])
-                self.state.put_decisions(
-                    (keys[d.event_id], d) for d in decided if d.event_id in keys and cacheable(d, False)
-                )
-            res.after_produce.append(record)
+            res.after_produce.append(lambda: self.state.put_decisions(
+                (keys[d.event_id], d) for d in decided if d.event_id in keys and cacheable(d, False)
+            ))
         return res

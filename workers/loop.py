@@ -14,12 +14,24 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 
 from cascade.config import CascadeConfig
 from cascade.logging import get_logger
 from cascade.messages import DeadLetter
-from workers.kafka_io import LagProbe, OutRecord, commit_batch, ensure_topics, make_consumer, make_producer, poll_records, produce_and_flush
+from cascade.state import make_state
+from workers.kafka_io import (
+    LagProbe,
+    OutRecord,
+    await_acks,
+    commit_batch,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    poll_records,
+    send_records,
+)
 from workers.observability import HealthServer, WorkerMetrics
 from workers.topics import Topics
 
@@ -57,6 +69,25 @@ class Worker:
         self.health = HealthServer(self.metrics, port)
         self.stopping = False
         self._lag_checked = 0.0
+        self.state = make_state(config)
+        self._deciding: set[str] = set()  # decided in a batch whose outputs are still in flight
+
+    def undecided(self, ids: Sequence[str]) -> list[str]:
+        """The ids with no decision yet: neither recorded in the state store nor in flight."""
+        return [i for i, done in zip(ids, self.state.seen(ids)) if not done and i not in self._deciding]
+
+    def record_decided(self, result: BatchResult, ids: Sequence[str]) -> None:
+        """Once ``result`` is acknowledged, record ``ids`` as decided (the idempotency record)."""
+        ids = list(ids)
+        if not ids:
+            return
+        self._deciding.update(ids)
+
+        def record() -> None:
+            self.state.claim_events(ids)
+            self._deciding.difference_update(ids)
+
+        result.after_produce.append(record)
 
     def process(self, records: list[ConsumerRecord]) -> BatchResult:
         raise NotImplementedError
@@ -96,18 +127,19 @@ class Worker:
         kcfg = self.config.kafka
         ensure_topics(kcfg.bootstrap_servers, self.topics.all(), kcfg.partitions, kcfg.replication_factor)
         producer = make_producer(kcfg, client_id=f"{self.group}-producer")
-        consumer = make_consumer(kcfg, self.group, self.input_topics, client_id=f"{self.group}-consumer")
+        flow = _Pipeline(self, producer)
+        consumer = make_consumer(kcfg, self.group, self.input_topics, client_id=f"{self.group}-consumer",
+                                 listener=_FinishOnRevoke(flow))
+        flow.consumer = consumer
         probe = LagProbe(kcfg.bootstrap_servers)
         log.info("started", role=self.role, group=self.group, topics=self.input_topics, metrics_port=self.health.port)
         last_work = time.monotonic()
-        uncommitted: list[ConsumerRecord] = []
         try:
             while not self.stopping:
                 self.health.beat()
                 self.idle()
-                if uncommitted and self.should_commit():
-                    commit_batch(consumer, uncommitted)
-                    uncommitted = []
+                self.metrics.state_errors.labels(self.role).set(sum(self.state.errors.values()))
+                flow.commit_if_allowed()
                 if self.paused():
                     consumer.pause(*consumer.assignment())
                 elif consumer.paused():
@@ -117,24 +149,16 @@ class Worker:
                     self.health.ready = True
                 self._sample_lag(probe)
                 if not records:
+                    flow.finish()
                     if max_idle_s is not None and time.monotonic() - last_work > max_idle_s:
                         break
                     continue
                 last_work = time.monotonic()
-                started = time.perf_counter()
                 self.metrics.events_in.labels(self.role).inc(len(records))
-                result = self.process(records)
-                produce_and_flush(producer, result.records)
-                for step in result.after_produce:
-                    step()
-                uncommitted.extend(records)
-                if self.should_commit():
-                    commit_batch(consumer, uncommitted)
-                    uncommitted = []
-                self.metrics.batch_seconds.labels(self.role).observe(time.perf_counter() - started)
+                flow.start(records, self.process(records))
+            flow.finish()
             self.on_stop()
-            if uncommitted and self.should_commit():
-                commit_batch(consumer, uncommitted)
+            flow.commit_if_allowed()
         finally:
             self.health.ready = False
             consumer.close()  # leaves the group so the partitions move on at once
@@ -142,3 +166,54 @@ class Worker:
             probe.close()
             self.health.close()
             log.info("stopped", role=self.role)
+
+
+class _Pipeline:
+    """One batch in flight: batch n's outputs travel to the broker while batch n+1 is processed.
+
+    A batch's offsets are committed only after its outputs were acknowledged and its
+    ``after_produce`` steps ran; batches complete in order.
+    """
+
+    def __init__(self, worker: Worker, producer: KafkaProducer) -> None:
+        self.worker = worker
+        self.producer = producer
+        self.consumer: KafkaConsumer | None = None
+        self.in_flight: tuple[list[ConsumerRecord], BatchResult, list, float] | None = None
+        self.uncommitted: list[ConsumerRecord] = []
+
+    def start(self, records: list[ConsumerRecord], result: BatchResult) -> None:
+        started = time.perf_counter()
+        futures = send_records(self.producer, result.records)
+        self.finish()
+        self.in_flight = (records, result, futures, started)
+
+    def finish(self) -> None:
+        if self.in_flight is None:
+            return
+        records, result, futures, started = self.in_flight
+        self.in_flight = None
+        await_acks(self.producer, futures)
+        for step in result.after_produce:
+            step()
+        self.uncommitted.extend(records)
+        self.commit_if_allowed()
+        self.worker.metrics.batch_seconds.labels(self.worker.role).observe(time.perf_counter() - started)
+
+    def commit_if_allowed(self) -> None:
+        if self.uncommitted and self.consumer is not None and self.worker.should_commit():
+            commit_batch(self.consumer, self.uncommitted)
+            self.uncommitted = []
+
+
+class _FinishOnRevoke(ConsumerRebalanceListener):
+    """Before partitions move to another member, finish and commit the batch in flight."""
+
+    def __init__(self, flow: _Pipeline) -> None:
+        self.flow = flow
+
+    def on_partitions_revoked(self, revoked: object) -> None:
+        self.flow.finish()
+
+    def on_partitions_assigned(self, assigned: object) -> None:
+        pass

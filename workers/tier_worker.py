@@ -13,7 +13,6 @@ from cascade.logging import get_logger
 from cascade.messages import Decision, Deferred, RoutingSnapshot
 from cascade.routing.cascade import build_stages, deferral_costs
 from cascade.routing.stage import Action, Stage
-from cascade.state import make_state
 from cascade.state.base import StateStore
 from cascade.state.keys import cache_key
 from cascade.task import InvalidEvent, Task
@@ -85,7 +84,6 @@ class TierWorker(Worker):
         self.stage = stages[names.index(tier)]
         self.stage.rng.seed(config.seed * 1_000_003 + os.getpid())  # replicas must not explore in lockstep
         self.first = names.index(tier) == 0
-        self.state = make_state(config)
         self.follower = ModelFollower(self.state, self.stage, self.role, self.metrics)
         self._routing_at = 0.0
 
@@ -108,7 +106,6 @@ class TierWorker(Worker):
         if now - self._routing_at >= 2.0:
             self._routing_at = now
             self.share_routing()
-        self.metrics.state_errors.labels(self.role).set(sum(self.state.errors.values()))
 
     def _parse(self, rec: ConsumerRecord, res: BatchResult) -> Deferred | None:
         try:
@@ -134,7 +131,7 @@ class TierWorker(Worker):
             elif d is not None:
                 self.metrics.duplicates.labels(self.role).inc()
         ids = list(items)
-        fresh = [i for i, done in zip(ids, self.state.seen(ids)) if not done]
+        fresh = self.undecided(ids)
         self.metrics.duplicates.labels(self.role).inc(len(ids) - len(fresh))
         decided: list[Decision] = []
         todo: list[Deferred] = []
@@ -170,16 +167,12 @@ class TierWorker(Worker):
         for dec in decided:
             res.records.append(OutRecord(self.topics.decisions, dec.event_id.encode(), dec.model_dump_json().encode()))
             self.metrics.answered.labels(self.role, dec.tier, dec.reason).inc()
-        if decided:
-            res.after_produce.append(lambda: self._record(decided, items))
-        return res
-
-    def _record(self, decided: list[Decision], items: dict[str, Deferred]) -> None:
-        self.state.claim_events([d.event_id for d in decided])
-        if self.config.state.cache_cheap_answers:
-            self.state.put_decisions(
+        self.record_decided(res, [d.event_id for d in decided])
+        if decided and self.config.state.cache_cheap_answers:
+            res.after_produce.append(lambda: self.state.put_decisions(
                 (cache_key(self.task.name, self.task.labels, items[d.event_id].event.text), d)
                 for d in decided if d.reason == "tier"
-            )
+            ))
+        return res
 
 

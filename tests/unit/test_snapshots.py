@@ -44,3 +44,19 @@ def test_snapshot_mismatches_are_refused(trained):
     other = Cascade(make_config().model_copy(update={"task": make_config().task.model_copy(update={"labels": ["a", "b"]})}))
     with pytest.raises(SnapshotError, match="labels"):
         other.stages[0].tier.restore(stage.tier.snapshot())
+
+
+def test_compiled_batch_scoring_equals_river(trained):
+    from cascade.tiers.logistic import _COMPILE_FROM
+
+    tier = trained.stages[0].tier
+    events = [e for e, _ in easy_and_hard(_COMPILE_FROM * 3, seed=13)]
+    inputs = tier.prepare(events)
+    inputs.append({123456789: 1.0})  # no known feature but the bias: still a distribution
+    inputs[-1][-1] = 1.0
+    batch = tier.predict_proba(inputs)  # compiled
+    one_by_one = np.vstack([tier.predict_proba([x]) for x in inputs])  # river, until the compiled copy is current
+    tier._compiled = None
+    river = np.vstack([tier.predict_proba([x]) for x in inputs])
+    assert np.allclose(batch, river, atol=1e-12) and np.allclose(one_by_one, river, atol=1e-12)
+    assert np.allclose(batch.sum(axis=1), 1.0)

@@ -1,0 +1,148 @@
+"""Events per second through a tier-1 worker against a pass-through worker on the same broker.
+
+    python bench/worker_throughput.py [--data-dir ../shared/data] [--events 20000] [--rounds 2]
+
+Both run the same consume → process → produce (acks=all) → commit loop of ``workers/loop.py``
+against a private Tansu broker and the local Redis; the pass-through copies each record to an
+output topic, the tier worker parses, checks idempotency and the decision cache, runs the
+logistic tier and its policy (warm: loaded from the registry, trained on the first 3,000 ISEAR
+events by the in-process cascade) and produces decisions or deferrals. Rounds alternate the two
+so a noisy machine hurts both alike. Target: the tier worker at least 0.5 of pass-through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from kafka.consumer.fetcher import ConsumerRecord
+
+from cascade.config import CascadeConfig, load_config
+from cascade.evaluation.data import labels_of, read_stream
+from cascade.logging import configure_logging
+from cascade.routing.cascade import Cascade
+from cascade.state import make_state
+from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
+from workers.local_services import ensure_redis, start_tansu
+from workers.loop import BatchResult, Worker
+from workers.tier_worker import TierWorker, model_names
+from workers.topics import Topics
+
+GPT = "gpt-3.5-turbo-1106"
+
+
+class Timing:
+    """First batch handed to process() → last batch acknowledged and recorded."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.last = 0.0
+        self.count = 0
+
+    def wrap(self, records: list[ConsumerRecord], result: BatchResult) -> BatchResult:
+        self.count += len(records)
+        result.after_produce.append(lambda: setattr(self, "last", time.perf_counter()))
+        return result
+
+    def start(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def rate(self) -> float:
+        return self.count / (self.last - (self.first or self.last))
+
+
+class PassThrough(Worker):
+    role = "passthrough"
+
+    def __init__(self, config: CascadeConfig, group: str, timing: Timing) -> None:
+        super().__init__(config, [Topics(config).events], group, metrics_port=0)
+        self.out = Topics(config).prefix + "passthrough"
+        self.timing = timing
+
+    def process(self, records: list[ConsumerRecord]) -> BatchResult:
+        self.timing.start()
+        return self.timing.wrap(records, BatchResult([OutRecord(self.out, r.key, r.value) for r in records]))
+
+
+class TimedTier(TierWorker):
+    def __init__(self, config: CascadeConfig, timing: Timing) -> None:
+        super().__init__(config, config.tiers[0].name, metrics_port=0)
+        self.timing = timing
+
+    def process(self, records: list[ConsumerRecord]) -> BatchResult:
+        self.timing.start()
+        return self.timing.wrap(records, super().process(records))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    ap.add_argument("--events", type=int, default=20_000)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    path = Path(args.data_dir) / "isear.jsonl.gz"
+    if not path.exists():
+        print(f"SKIP: {path} not found (see ../shared/data/README.md)", file=sys.stderr)
+        return 0
+    configure_logging("console", "WARNING")
+    rows = read_stream(path, shuffle_seed=0)
+    broker = start_tansu(None)
+    redis = ensure_redis("redis://127.0.0.1:6379/13")
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    config = load_config(None, task={"labels": sorted(labels_of(rows))}, llm={"name": GPT}, deferral={"mu": 0.3},
+                         kafka={"bootstrap_servers": broker.bootstrap_servers, "topic_prefix": prefix, "partitions": 4},
+                         redis={"url": redis.url, "key_prefix": prefix}, state={"backend": "redis"})
+    try:
+        # A warm tier: the in-process cascade learns from the first 3,000 events; its snapshots go to the registry.
+        warm = Cascade(config.model_copy(update={"state": config.state.model_copy(update={"backend": "memory"})}))
+        for r in rows[:3000]:
+            warm.process([r.event])
+        state = make_state(config)
+        stage = warm.stages[0]
+        for name, model in zip(model_names(stage.tier.name), (stage.tier, stage.policy)):
+            state.publish(name, model.version, model.snapshot())
+        topics = Topics(config)
+        ensure_topics(broker.bootstrap_servers, [*topics.all(), prefix + "passthrough"], 4)
+        producer = make_producer(config.kafka)
+        payloads = []
+        for i in range(args.events):
+            r = rows[i % len(rows)]
+            payloads.append(OutRecord(topics.events, f"{i}".encode(), json.dumps({**r.event.payload, "id": f"ev{i}"}).encode()))
+        for i in range(0, len(payloads), 2000):
+            produce_and_flush(producer, payloads[i : i + 2000])
+        producer.close()
+        print(f"{args.events} events on {topics.events} (4 partitions), broker {broker.bootstrap_servers}")
+        results: dict[str, list[float]] = {"passthrough": [], "tier": []}
+        for rnd in range(args.rounds):
+            for kind in ("passthrough", "tier"):
+                timing = Timing()
+                # A fresh group each round reads the whole topic; a fresh idempotency space too.
+                group_cfg = config.model_copy(update={"redis": config.redis.model_copy(update={"key_prefix": f"{prefix}{rnd}:"})})
+                worker = (PassThrough(group_cfg, f"{prefix}pt{rnd}", timing) if kind == "passthrough"
+                          else TimedTier(group_cfg, timing))
+                if kind == "tier":
+                    worker.group = f"{prefix}tier{rnd}"
+                    for name, model in zip(model_names(stage.tier.name), (stage.tier, stage.policy)):
+                        make_state(group_cfg).publish(name, model.version, model.snapshot())
+                    worker.follower.poll()
+                worker.run(max_idle_s=10.0)
+                if timing.count != args.events:
+                    raise SystemExit(f"{kind} round {rnd}: processed {timing.count} of {args.events}")
+                results[kind].append(timing.rate())
+                print(f"round {rnd} {kind:<12} {timing.rate():>9,.0f} events/s")
+        pt, tier = max(results["passthrough"]), max(results["tier"])
+        print(f"\nbest of {args.rounds}: pass-through {pt:,.0f} ev/s, tier-1 worker {tier:,.0f} ev/s, "
+              f"ratio {tier / pt:.2f} (target >= 0.5)")
+    finally:
+        broker.stop()
+        redis.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
