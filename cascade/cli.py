@@ -123,7 +123,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         from cascade.evaluation.data import read_stream
 
         rows = read_stream(args.data)
-        overrides["task"] = {"name": Path(args.data).name.split(".")[0], "labels": sorted(labels_of(rows))}
+        labels = labels_of(rows) or [  # no gold labels: the labels the recorded LLM gave
+            a for a in {(r.event.payload.get("llm") or {}).get(args.llm) for r in rows} if isinstance(a, str)]
+        overrides["task"] = {"name": Path(args.data).name.split(".")[0], "labels": sorted(labels)}
     config = _config(args, **overrides)
     try:
         settings = parse_sweep(args.sweep or [DEFAULT_SWEEP], [t.name for t in config.tiers])

@@ -79,6 +79,14 @@ class Recommendation(BaseModel):
     reason: str
 
 
+def check_target(target: Target, has_gold: bool, has_rate: bool) -> None:
+    """Raise TargetError when the replayed stream cannot tell whether a setting meets ``target``."""
+    if target.name == "min_accuracy" and not has_gold:
+        raise TargetError(f"target {target} needs gold labels in the replayed events (--gold-field)")
+    if target.name in ("budget_per_hour", "llm_calls_per_hour") and not has_rate:
+        raise TargetError(f"target {target} needs an event rate: record timestamps spanning time, or --events-per-hour")
+
+
 def _measure(p: PointResult, name: str) -> float | None:
     return {
         "budget_per_hour": p.cost_per_hour,

@@ -24,6 +24,8 @@ from cascade.messages import LiveParams
 from cascade.replay.analysis import (
     Recommendation,
     Target,
+    TargetError,
+    check_target,
     format_table,
     mark_pareto,
     quality_metric,
@@ -92,7 +94,12 @@ def load_topic_range(config: CascadeConfig, topic: str, frm: str | None, to: str
         lo, hi = parse_bound(frm), parse_bound(to)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    got = load_topic(config, topic, lo, hi, gold_field=gold_field, progress=progress)
+    from kafka.errors import KafkaError
+
+    try:
+        got = load_topic(config, topic, lo, hi, gold_field=gold_field, progress=progress)
+    except KafkaError as e:
+        raise ConfigError(f"replay: cannot read topic {topic!r} at {config.kafka.bootstrap_servers}: {e}") from None
     return Loaded(got.rows, topic, got.kind, got.range.describe(), dict(got.invalid), got.llm_decisions, got.seconds)
 
 
@@ -110,8 +117,11 @@ def join(config: CascadeConfig, loaded: Loaded, progress: bool, live_sources: bo
             from workers.replay_source import load_demonstrations
 
             demos = load_demonstrations(config, {r.event.id for r in loaded.rows}, config.llm.name, progress)
-        return join_answers(loaded.rows, config.llm, cache=cache, demonstrations=demos,
-                            decisions=loaded.llm_decisions or None)
+        joined = join_answers(loaded.rows, config.llm, cache=cache, demonstrations=demos,
+                              decisions=loaded.llm_decisions or None)
+        if state is not None and state.errors:  # an unreachable store degrades to cache misses
+            log.warning("replay_cache_unreachable", errors=dict(state.errors))
+        return joined
     finally:
         if state is not None:
             state.close()  # before the sweep forks
@@ -160,6 +170,15 @@ def replay(
     rate, rate_from = (events_per_hour, "given") if events_per_hour else (event_rate(loaded.rows), "timestamps")
     if rate is None:
         rate_from = None
+    if target is not None:  # fail before the sweep, not after it
+        try:
+            check_target(target, has_gold=any(r.gold is not None for r in joined.events), has_rate=rate is not None)
+        except TargetError as e:
+            raise ConfigError(f"replay: {e}") from None
+    if apply and target is None:
+        raise ConfigError("--apply needs a target (which setting to apply)")
+    if apply and config.state.backend != "redis":
+        raise ConfigError("--apply writes the live parameters to Redis: set state.backend=redis")
     t0 = time.perf_counter()
     points = run_sweep(config, joined, settings, batch_size=batch_size, processes=processes, progress=progress,
                        exploration_scale=exploration_scale)
@@ -191,10 +210,12 @@ def replay(
         rec = report.recommendation.index if report.recommendation else None
         report.plot = str(write_plot(plot, points, metric, title, rec, report.llm_accuracy if metric == "accuracy" else None))
     if apply:
-        if report.recommendation is None or report.recommendation.index is None:
-            raise ConfigError("--apply: no setting to apply" + (f" ({report.recommendation.reason})" if report.recommendation else
-                                                              " (give --target)"))
-        report.applied = apply_params(config, points[report.recommendation.index])
+        if report.recommendation is None:
+            raise ConfigError("--apply needs a target (which setting to apply)")
+        if report.recommendation.index is None:
+            log.warning("replay_nothing_applied", reason=report.recommendation.reason)
+        else:
+            report.applied = apply_params(config, points[report.recommendation.index])
     return report
 
 
@@ -218,6 +239,8 @@ def print_report(r: ReplayReport, out: TextIO | None = None) -> None:
             w(f"target {r.recommendation.target}: {r.recommendation.reason}\n")
         else:
             w(f"recommended for {r.recommendation.target}: {r.recommendation.label} — {r.recommendation.reason}\n")
+    if r.recommendation is not None and r.recommendation.index is None and r.applied is None:
+        w("nothing applied\n")
     if r.applied is not None:
         w(f"applied to the live parameters: mu={r.applied.mu:.4g} thresholds={r.applied.thresholds} "
           f"exploration_scale={r.applied.exploration_scale:g}\n")

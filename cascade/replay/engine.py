@@ -69,7 +69,7 @@ def run_point(
     task = cascade.task
     rows = joined.events
     n = len(rows)
-    llm_calls = unusable = agree = agree_n = correct = gold_n = 0
+    llm_calls = unusable = agree = agree_n = correct = gold_n = unreported = 0
     cost = 0.0
     tiers: Counter[str] = Counter()
     start, cpu = time.perf_counter(), time.process_time()
@@ -92,11 +92,14 @@ def run_point(
             if r.gold is not None:
                 gold_n += 1
                 correct += d.label is not None and d.label == r.gold
-        if counter is not None:
-            with counter.get_lock():
-                counter.value += len(batch)
-        if on_batch is not None:
-            on_batch(len(batch))
+        unreported += len(batch)
+        if unreported >= 256 or lo + batch_size >= n:  # progress: a shared counter, touched now and then
+            if counter is not None:
+                with counter.get_lock():
+                    counter.value += unreported
+            if on_batch is not None:
+                on_batch(unreported)
+            unreported = 0
     agreement = agree / agree_n if agree_n else None
     return PointResult(
         setting=setting.as_dict(), label=setting.label(), mu=params.mu, thresholds=params.thresholds,

@@ -7,6 +7,7 @@ import math
 from collections import Counter
 
 import pytest
+import structlog
 
 from cascade import cli
 from cascade.config import CascadeConfig, ConfigError, LLMConfig, load_config
@@ -19,6 +20,14 @@ from cascade.replay.sweep import Setting, SweepError, parse_sweep, parse_values
 from cascade.task import Task
 from cascade.tiers.llm import LLMError
 from tests.unit.streams import LLM, easy_and_hard, event
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """cli.main configures structlog to print to the (captured) stderr of the moment: undo it after."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def make_config(**deferral) -> CascadeConfig:
@@ -234,3 +243,17 @@ def test_cli_replay_apply_needs_a_target_and_redis(tmp_path):
     with pytest.raises(ConfigError):
         replay(make_config(), Loaded([], "x", "file"), parse_sweep(["mu=1"], ["logistic"]), progress=False,
                live_sources=False)
+
+
+def test_cli_replay_checks_the_target_before_the_sweep_and_applies_nothing_unmet(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "s.jsonl"
+    with data.open("w") as f:
+        for e, _ in easy_and_hard(100, seed=17):
+            f.write(json.dumps({"id": e.id, "text": e.text, "llm": e.payload["llm"]}) + "\n")  # no gold
+    swept = []
+    monkeypatch.setattr("cascade.replay.command.run_sweep", lambda *a, **k: swept.append(1) or [])
+    args = ["replay", "--data", str(data), "--llm", LLM, "--no-plot", "--quiet", "--processes", "1"]
+    assert cli.main(args + ["--target", "min_accuracy=0.5"]) == 2  # no gold labels
+    assert cli.main(args + ["--target", "budget_per_hour=10"]) == 2  # no event rate
+    assert swept == []
+    assert "needs gold labels" in capsys.readouterr().err
