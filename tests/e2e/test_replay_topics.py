@@ -200,8 +200,12 @@ def test_apply_retunes_a_running_tier_worker(kafka_bootstrap, redis_url, tmp_pat
         deferred = read_topic(config, topics.llm, 60)
         assert len(deferred) == 60  # all passed up to the LLM
         group = topics.group("tier-logistic")
-        time.sleep(1.0)  # the worker has committed the batch it deferred
-        before = snapshot(config, [group])
+        deadline = time.monotonic() + 30
+        while True:  # until the worker has committed the batches it deferred
+            before = snapshot(config, [group])
+            if sum(before[0][group].values()) == 60 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
         assert sum(before[0][group].values()) == 60
 
         proc = cli(config_path, "--topic", "events", "--sweep", "mu=0,5", "--target", "max_llm_fraction=0.5",
@@ -217,7 +221,10 @@ def test_apply_retunes_a_running_tier_worker(kafka_bootstrap, redis_url, tmp_pat
             live = state.get_live_params()
         assert isinstance(live, LiveParams) and live.mu == 5.0
 
-        time.sleep(2.5)  # the worker polls the live parameters every second
+        worker_log = tmp_path / "worker.log"
+        deadline = time.monotonic() + 15
+        while "live_params_applied" not in worker_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)  # the worker polls the live parameters every second
         wave2 = payloads(60, seed=24, start=1000)
         produce_events(config, wave2)
         decisions = [Decision.model_validate_json(v) for v in read_topic(config, topics.decisions, 60)]
