@@ -150,6 +150,8 @@ class LLMConfig(_Section):
     cost_per_1k_prompt_tokens: float = Field(0.0, ge=0, description="with the next: cost from usage instead of `cost`")
     cost_per_1k_completion_tokens: float = Field(0.0, ge=0)
     circuit_failures: int = Field(5, gt=0, description="consecutive failures that open the circuit")
+    # A call refused by the open circuit is retried no sooner than it half-opens, so an event waits
+    # at most about max_retries × circuit_open_s for the endpoint before it is dead-lettered.
     circuit_open_s: float = Field(30.0, gt=0, description="seconds the open circuit refuses calls")
     max_retry_after_s: float = Field(60.0, ge=0, description="cap on a server's Retry-After")
 

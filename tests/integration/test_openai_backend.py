@@ -243,3 +243,12 @@ def test_killed_server_trips_breaker_then_events_are_retried_and_dead_lettered(t
         w.health.close()
         server.stop()
 
+
+
+def test_ensure_reuses_a_running_server(llm_server: LLMServerHandle) -> None:
+    from workers.local_llm import ensure_llm_server
+
+    handle = ensure_llm_server(llm_server.base_url)
+    assert not handle.owned and handle.alive()
+    handle.stop()  # a no-op: not ours
+    assert llm_server.alive()
