@@ -131,8 +131,10 @@ def records(n: int, start: int = 0) -> list[Rec]:
 
 def config(base_url: str, **llm: Any) -> CascadeConfig:
     budget = llm.pop("budget", {})
+    state = llm.pop("state", {"backend": "memory"})
+    redis = llm.pop("redis", {})
     return load_config(None, llm={"backend": "openai", "name": MODEL_NAME, "base_url": base_url, "timeout_s": 60,
-                                  **llm}, budget=budget, state={"backend": "memory"})
+                                  **llm}, budget=budget, state=state, redis=redis)
 
 
 def outputs(result: Any, suffix: str) -> list[dict]:
@@ -194,8 +196,14 @@ def test_backend_batch_concurrency_is_bounded(proxy: CountingProxy) -> None:
     assert len(answers) == 6 and proxy.ok == 6 and proxy.max_in_flight == 2
 
 
-def test_budget_stops_calls(proxy: CountingProxy) -> None:
-    w = LLMWorker(config(proxy.url, budget={"calls_per_minute": 3}), metrics_port=0)
+@pytest.mark.parametrize("state", ["memory", "redis"])
+def test_budget_stops_calls(proxy: CountingProxy, state: str, request: pytest.FixtureRequest) -> None:
+    extra: dict[str, Any] = {"state": {"backend": state}}
+    if state == "redis":
+        url = request.getfixturevalue("redis_url")
+        extra["redis"] = {"url": url, "key_prefix": f"test-openai-budget-{time.time_ns()}:"}
+    # An hour window (windows align to the clock): a minute one could roll over between the batches.
+    w = LLMWorker(config(proxy.url, budget={"calls_per_hour": 3}, **extra), metrics_port=0)
     try:
         result = w.process(records(7))
         decisions = [Decision.model_validate(d) for d in outputs(result, "decisions")]
