@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 
 from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import ValidationError
@@ -140,15 +141,18 @@ class TierWorker(Worker):
             for i, hit in zip(fresh, self.state.get_decisions(keys, fresh)):
                 if hit is not None:
                     decided.append(hit)
-                    self.metrics.cache_hits.labels(self.role).inc()
                 else:
                     todo.append(items[i])
+            self.metrics.cache_hits.labels(self.role).inc(len(fresh) - len(todo))
         else:
             todo = [items[i] for i in fresh]
         tier = self.stage.tier
+        deferred: Counter[tuple[str, bool]] = Counter()
+        latency = self.metrics.event_latency.labels(self.role)
         if todo:
             routed = self.stage.route([d.event for d in todo], [d.outputs[-1] if d.outputs else None for d in todo])
             versions = {tier.name: tier.version}
+            now = time.time()
             for d, r in zip(todo, routed):
                 cost = d.cost + tier.cost
                 if r.action is Action.ANSWER:
@@ -156,17 +160,22 @@ class TierWorker(Worker):
                         event_id=d.event.id, label=r.label, tier=tier.name, confidence=r.confidence, reason="tier",
                         model_versions={**{o.tier: o.version for o in d.outputs}, **versions}, cost=cost,
                     ))
-                    self.metrics.event_latency.labels(self.role).observe(time.time() - d.first_seen)
+                    latency.observe(now - d.first_seen)
                     continue
                 explored = r.action is Action.EXPLORE
                 to = self.topics.llm if explored else self.topics.above(tier.name)
                 up = Deferred(event=d.event, outputs=[*d.outputs, r.output], explored=d.explored or explored,
                               cost=cost, first_seen=d.first_seen)
                 res.records.append(OutRecord(to, d.event.id.encode(), up.model_dump_json().encode()))
-                self.metrics.deferred.labels(self.role, to, str(explored).lower()).inc()
-        for dec in decided:
-            res.records.append(OutRecord(self.topics.decisions, dec.event_id.encode(), dec.model_dump_json().encode()))
-            self.metrics.answered.labels(self.role, dec.tier, dec.reason).inc()
+                deferred[to, explored] += 1
+        # Metrics by the batch: a labels() lookup per event costs more than the tier's features.
+        for (to, explored), n in deferred.items():
+            self.metrics.deferred.labels(self.role, to, str(explored).lower()).inc(n)
+        for (tier_name, reason), n in Counter((d.tier, d.reason) for d in decided).items():
+            self.metrics.answered.labels(self.role, tier_name, reason).inc(n)
+        res.records.extend(
+            OutRecord(self.topics.decisions, d.event_id.encode(), d.model_dump_json().encode()) for d in decided
+        )
         self.record_decided(res, [d.event_id for d in decided])
         if decided and self.config.state.cache_cheap_answers:
             res.after_produce.append(lambda: self.state.put_decisions(

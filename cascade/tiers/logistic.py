@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import numpy as np
 from river import linear_model, optim
+from scipy import sparse
 
 from cascade.config import FeatureConfig, TierConfig
 from cascade.features import HashedNgrams, SparseVector
@@ -20,9 +22,10 @@ _COMPILE_FROM = 32
 
 
 class CompiledWeights:
-    """A read-only dense copy of a river softmax regression, for batch scoring with numpy."""
+    """A read-only copy of a river softmax regression for batch scoring: a sparse (events × buckets)
+    matrix times a dense (rows × labels) weight matrix, with a dense bucket → row table."""
 
-    def __init__(self, model: linear_model.SoftmaxRegression, labels: Sequence[str], version: int) -> None:
+    def __init__(self, model: linear_model.SoftmaxRegression, labels: Sequence[str], n_features: int, version: int) -> None:
         self.version = version
         buckets, cols, values = [], [], []
         for j, label in enumerate(labels):
@@ -31,27 +34,22 @@ class CompiledWeights:
             values.append(np.fromiter(w.values(), dtype=np.float64, count=len(w)))
             cols.append(np.full(len(w), j))
         unique, row = np.unique(np.concatenate(buckets), return_inverse=True)
-        self.W = np.zeros((len(unique) + 1, len(labels)))  # row 0: zeros, for events with no known feature
+        self.W = np.zeros((len(unique) + 1, len(labels)))  # row 0: zeros, for buckets never learned
         self.W[row + 1, np.concatenate(cols)] = np.concatenate(values)
-        self.rows: dict[int, int] = dict(zip(unique.tolist(), range(1, len(unique) + 1)))
+        # Index n_features is the bias bucket (-1 indexes the last entry); 4 bytes a bucket.
+        self.row_of = np.zeros(n_features + 1, dtype=np.int32)
+        self.row_of[unique] = np.arange(1, len(unique) + 1, dtype=np.int32)
         # river's softmax runs over the labels it has seen only; the others get probability 0.
         self.unseen = np.array([label not in model.weights for label in labels])
 
     def predict_proba(self, inputs: Sequence[SparseVector]) -> np.ndarray:
-        idx: list[int] = []
-        val: list[float] = []
-        starts: list[int] = []
-        rows = self.rows
-        for x in inputs:
-            starts.append(len(idx))
-            idx.append(0)
-            val.append(0.0)
-            for bucket, v in x.items():
-                r = rows.get(bucket)
-                if r is not None:
-                    idx.append(r)
-                    val.append(v)
-        logits = np.add.reduceat(self.W[idx] * np.array(val)[:, None], starts, axis=0)
+        indptr = np.zeros(len(inputs) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in inputs], out=indptr[1:])
+        total = int(indptr[-1])
+        buckets = np.fromiter(itertools.chain.from_iterable(inputs), dtype=np.int64, count=total)
+        values = np.fromiter(itertools.chain.from_iterable(x.values() for x in inputs), dtype=np.float64, count=total)
+        x = sparse.csr_matrix((values, self.row_of[buckets], indptr), shape=(len(inputs), len(self.W)))
+        logits = np.asarray(x @ self.W)
         logits[:, self.unseen] = -np.inf
         logits -= logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
@@ -83,7 +81,7 @@ class LogisticTier(Tier):
             return probs
         if len(inputs) >= _COMPILE_FROM or (self._compiled is not None and self._compiled.version == self.version):
             if self._compiled is None or self._compiled.version != self.version:
-                self._compiled = CompiledWeights(self.model, self.labels, self.version)
+                self._compiled = CompiledWeights(self.model, self.labels, self.featurizer.config.n_features, self.version)
             return self._compiled.predict_proba(inputs)
         index = {label: j for j, label in enumerate(self.labels)}
         for i, x in enumerate(inputs):

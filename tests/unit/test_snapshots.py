@@ -52,8 +52,9 @@ def test_compiled_batch_scoring_equals_river(trained):
     tier = trained.stages[0].tier
     events = [e for e, _ in easy_and_hard(_COMPILE_FROM * 3, seed=13)]
     inputs = tier.prepare(events)
-    inputs.append({123456789: 1.0})  # no known feature but the bias: still a distribution
-    inputs[-1][-1] = 1.0
+    learned = set().union(*(w.keys() for w in tier.model.weights.values()))
+    unlearned = next(b for b in range(2**16) if b not in learned)
+    inputs.append({unlearned: 1.0, -1: 1.0})  # no known feature but the bias: still a distribution
     batch = tier.predict_proba(inputs)  # compiled
     one_by_one = np.vstack([tier.predict_proba([x]) for x in inputs])  # river, until the compiled copy is current
     tier._compiled = None
