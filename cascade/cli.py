@@ -152,6 +152,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         config, loaded, settings, target=target, apply=args.apply, plot=None if args.no_plot else args.plot,
         batch_size=args.batch_size, processes=args.processes, events_per_hour=args.events_per_hour,
         progress=progress, live_sources=args.data is None, exploration_scale=args.exploration_scale,
+        warm_start=args.warm_start,
     )
     if args.json:
         sys.stdout.write(report.model_dump_json() + "\n")
@@ -260,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--processes", type=int, default=None, help="settings replayed in parallel (default: CPUs)")
     rp.add_argument("--exploration-scale", type=float, default=0.0,
                     help="exploration during the replay (default 0: off, deterministic and monotone curves)")
+    rp.add_argument("--warm-start", action="store_true",
+                    help="start every setting from the registry's current tier and policy snapshots (default: untrained)")
     rp.add_argument("--json", action="store_true", help="print one JSON report on stdout")
     rp.add_argument("--quiet", action="store_true", help="no progress on stderr")
     rp.set_defaults(func=cmd_replay)

@@ -55,6 +55,7 @@ class ReplayReport(BaseModel):
     rate_from: str | None  # "timestamps", "given" or None
     quality_metric: str
     exploration_scale: float
+    warm_start: dict[str, int] | None = None  # registry versions every setting started from
     llm_accuracy: float | None  # the recorded LLM alone against gold, on the replayed events
     points: list[PointResult]
     target: str | None = None
@@ -135,6 +136,21 @@ def event_rate(rows: Sequence[RecordedEvent]) -> float | None:
     return (len(ts) - 1) / ((max(ts) - min(ts)) / 3_600_000.0)
 
 
+def published_snapshots(config: CascadeConfig) -> tuple[dict[str, tuple[bytes | None, bytes | None]], dict[str, int]]:
+    """The current tier and policy snapshots in the model registry, per configured tier, and their versions."""
+    from cascade.state import make_state
+
+    out: dict[str, tuple[bytes | None, bytes | None]] = {}
+    versions: dict[str, int] = {}
+    with make_state(config) as state:
+        for tier in config.tiers:
+            names = (f"tier:{tier.name}", f"policy:{tier.name}")  # the tier workers' registry names
+            found = [state.fetch(name) for name in names]
+            out[tier.name] = (found[0][1] if found[0] else None, found[1][1] if found[1] else None)
+            versions.update({n: f[0] for n, f in zip(names, found) if f is not None})
+    return out, versions
+
+
 def apply_params(config: CascadeConfig, point: PointResult) -> LiveParams:
     """Make a setting the live parameters; running workers pick it up on their next poll (~1 s).
 
@@ -157,7 +173,7 @@ def replay(
     config: CascadeConfig, loaded: Loaded, settings: Sequence[Setting], *, target: Target | None = None,
     apply: bool = False, plot: Path | None = None, batch_size: int = 1, processes: int | None = None,
     events_per_hour: float | None = None, progress: bool = True, live_sources: bool = True,
-    exploration_scale: float = 0.0,
+    exploration_scale: float = 0.0, warm_start: bool = False,
 ) -> ReplayReport:
     started = time.perf_counter()
     joined = join(config, loaded, progress, live_sources)
@@ -179,9 +195,16 @@ def replay(
         raise ConfigError("--apply needs a target (which setting to apply)")
     if apply and config.state.backend != "redis":
         raise ConfigError("--apply writes the live parameters to Redis: set state.backend=redis")
+    snapshots, warm_versions = None, {}
+    if warm_start:
+        if config.state.backend != "redis":
+            raise ConfigError("--warm-start reads the model registry in Redis: set state.backend=redis")
+        snapshots, warm_versions = published_snapshots(config)
+        if not warm_versions:
+            raise ConfigError("--warm-start: the model registry holds no snapshot of any configured tier")
     t0 = time.perf_counter()
     points = run_sweep(config, joined, settings, batch_size=batch_size, processes=processes, progress=progress,
-                       exploration_scale=exploration_scale)
+                       exploration_scale=exploration_scale, snapshots=snapshots)
     seconds_replay = time.perf_counter() - t0
     for p in points:
         if rate is not None:
@@ -200,6 +223,8 @@ def replay(
         llm_accuracy=sum(a == g for a, g in gold) / len(gold) if gold else None,
         target=str(target) if target else None, seconds_load=seconds_load, seconds_replay=seconds_replay,
     )
+    if snapshots is not None:
+        report.warm_start = warm_versions
     if target is not None:
         report.recommendation = recommend(points, target, metric)
     if plot is not None:
@@ -230,6 +255,8 @@ def print_report(r: ReplayReport, out: TextIO | None = None) -> None:
     w(f"answers from: {', '.join(f'{k} {v}' for k, v in sorted(r.answer_sources.items())) or '-'}\n")
     w(f"event rate: {'-' if r.events_per_hour is None else f'{r.events_per_hour:,.0f}/hour ({r.rate_from})'}"
       + ("" if r.llm_accuracy is None else f"; LLM alone accuracy {r.llm_accuracy:.4f}") + "\n")
+    if r.warm_start:
+        w(f"warm start from the registry: {', '.join(f'{k} v{v}' for k, v in sorted(r.warm_start.items()))}\n")
     explore = "exploration off" if r.exploration_scale == 0 else f"exploration x{r.exploration_scale:g}"
     w(f"quality: {r.quality_metric}; {explore}; {r.seconds_replay:.1f} s for {len(r.points)} settings\n\n")
     rec = r.recommendation.index if r.recommendation else None

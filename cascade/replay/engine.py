@@ -61,9 +61,16 @@ def replay_config(config: CascadeConfig) -> CascadeConfig:
 def run_point(
     config: CascadeConfig, joined: Joined, setting: Setting, base: LiveParams, batch_size: int = 1,
     counter: Any = None, on_batch: Any = None, exploration_scale: float = 0.0,
+    snapshots: dict[str, tuple[bytes | None, bytes | None]] | None = None,
 ) -> PointResult:
     cfg = replay_config(config)
     cascade = Cascade(cfg, llm=JoinedAnswers(Task(cfg.task), cfg.llm, joined.answers))
+    for stage in cascade.stages:  # warm start: the tiers and policies as published, not untrained
+        tier_blob, policy_blob = (snapshots or {}).get(stage.tier.name, (None, None))
+        if tier_blob is not None:
+            stage.tier.restore(tier_blob)
+        if policy_blob is not None:
+            stage.policy.restore(policy_blob)
     params = setting.params(base, exploration_scale=exploration_scale)
     cascade.set_params(params)
     task = cascade.task
@@ -113,23 +120,26 @@ def run_point(
 
 
 # The job of a forked sweep: set before the pool forks, inherited by the children (not pickled).
-_JOB: tuple[CascadeConfig, Joined, list[Setting], LiveParams, int, Any, float] | None = None
+_JOB: tuple[CascadeConfig, Joined, list[Setting], LiveParams, int, Any, float, Any] | None = None
 
 
 def _run_one(i: int) -> tuple[int, PointResult]:
     assert _JOB is not None
-    config, joined, settings, base, batch_size, counter, exploration = _JOB
-    return i, run_point(config, joined, settings[i], base, batch_size, counter=counter, exploration_scale=exploration)
+    config, joined, settings, base, batch_size, counter, exploration, snapshots = _JOB
+    return i, run_point(config, joined, settings[i], base, batch_size, counter=counter, exploration_scale=exploration,
+                        snapshots=snapshots)
 
 
 def run_sweep(
     config: CascadeConfig, joined: Joined, settings: Sequence[Setting], base: LiveParams | None = None,
     batch_size: int = 1, processes: int | None = None, progress: bool = True, exploration_scale: float = 0.0,
+    snapshots: dict[str, tuple[bytes | None, bytes | None]] | None = None,
 ) -> list[PointResult]:
     """One result per setting, in the order given; settings run in up to ``processes`` processes.
 
     ``exploration_scale`` 0 (the default) turns exploration off: deterministic, monotone curves.
     Above 0 it replays the live exploration (seeded: still reproducible, not necessarily monotone).
+    ``snapshots`` (tier name -> (tier bytes, policy bytes)) start every setting from those models.
     """
     global _JOB
     base = base or LiveParams(mu=config.deferral.mu, thresholds=dict(config.deferral.threshold_overrides))
@@ -145,11 +155,11 @@ def run_sweep(
             done += k
             bar.update(done)
 
-        return [run_point(config, joined, s, base, batch_size, on_batch=tick, exploration_scale=exploration_scale)
-                for s in settings]
+        return [run_point(config, joined, s, base, batch_size, on_batch=tick, exploration_scale=exploration_scale,
+                          snapshots=snapshots) for s in settings]
     ctx = mp.get_context("fork")
     counter = ctx.Value("q", 0)
-    _JOB = (config, joined, settings, base, batch_size, counter, exploration_scale)
+    _JOB = (config, joined, settings, base, batch_size, counter, exploration_scale, snapshots)
     try:
         with ctx.Pool(workers) as pool:
             pending = pool.map_async(_run_one, range(len(settings)), chunksize=1)

@@ -148,6 +148,17 @@ def test_replay_of_a_topic_recovers_the_recorded_answers(kafka_bootstrap, redis_
     fractions = [p.llm_call_fraction for p in report.points]
     assert fractions == sorted(fractions, reverse=True) and fractions[0] > fractions[-1]
 
+    # Warm start: every setting starts from the registry's current snapshots.
+    from cascade.routing.cascade import Cascade
+
+    warm = Cascade(config)
+    with make_state(config) as state:
+        state.publish("tier:logistic", 7, warm.stages[0].tier.snapshot())
+        state.publish("policy:logistic", 7, warm.stages[0].policy.snapshot())
+    warm_report = replay(config, loaded, parse_sweep(["mu=0.3"], ["logistic"]), plot=None, progress=False,
+                         warm_start=True)
+    assert warm_report.warm_start == {"tier:logistic": 7, "policy:logistic": 7}
+
     # Ranges: a time from the middle selects the second wave; offsets per partition.
     second = load_topic_range(config, topics.events, middle, None, "label", progress=False)
     assert {r.event.id for r in second.rows} == {r["id"] for r in rows[200:]}

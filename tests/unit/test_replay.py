@@ -17,6 +17,7 @@ from cascade.replay.command import Loaded, event_rate, replay
 from cascade.replay.engine import PointResult, run_sweep
 from cascade.replay.join import MISSING, JoinedAnswers, RecordedEvent, join_answers
 from cascade.replay.sweep import Setting, SweepError, parse_sweep, parse_values
+from cascade.routing.cascade import Cascade
 from cascade.task import Task
 from cascade.tiers.llm import LLMError
 from tests.unit.streams import LLM, easy_and_hard, event
@@ -257,3 +258,18 @@ def test_cli_replay_checks_the_target_before_the_sweep_and_applies_nothing_unmet
     assert cli.main(args + ["--target", "budget_per_hour=10"]) == 2  # no event rate
     assert swept == []
     assert "needs gold labels" in capsys.readouterr().err
+
+
+def test_warm_start_replays_from_the_given_snapshots():
+    config = make_config()
+    trained = Cascade(config)
+    for e, _ in easy_and_hard(1500, seed=18):
+        trained.process([e])
+    snaps = {"logistic": (trained.stages[0].tier.snapshot(), trained.stages[0].policy.snapshot())}
+    joined = join_answers(stream(200, seed=19), config.llm)
+    settings = parse_sweep(["mu=0.2"], ["logistic"])
+    cold = run_sweep(config, joined, settings, processes=1, progress=False)[0]
+    warm = run_sweep(config, joined, settings, processes=1, progress=False, snapshots=snaps)[0]
+    assert cold.llm_call_fraction > 0.25  # the first 50 events are warm-up
+    assert warm.llm_call_fraction < cold.llm_call_fraction - 0.1
+    assert warm.agreement_with_llm > 0.9
