@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import CommitFailedError, IllegalGenerationError, RebalanceInProgressError, UnknownMemberIdError
+from kafka.structs import TopicPartition
 
 from cascade.config import CascadeConfig
 from cascade.logging import get_logger
@@ -36,6 +38,9 @@ from workers.observability import HealthServer, WorkerMetrics
 from workers.topics import Topics
 
 log = get_logger("cascade.worker")
+
+# A commit refused because the group is rebalancing or has moved on without this member.
+_REBALANCING = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
 
 
 @dataclass
@@ -188,7 +193,7 @@ class _Pipeline:
         self.finish()
         self.in_flight = (records, result, futures, started)
 
-    def finish(self) -> None:
+    def finish(self, commit: bool = True) -> None:
         if self.in_flight is None:
             return
         records, result, futures, started = self.in_flight
@@ -197,23 +202,41 @@ class _Pipeline:
         for step in result.after_produce:
             step()
         self.uncommitted.extend(records)
-        self.commit_if_allowed()
+        if commit:
+            self.commit_if_allowed()
         self.worker.metrics.batch_seconds.labels(self.worker.role).observe(time.perf_counter() - started)
 
     def commit_if_allowed(self) -> None:
-        if self.uncommitted and self.consumer is not None and self.worker.should_commit():
-            commit_batch(self.consumer, self.uncommitted)
-            self.uncommitted = []
+        if not self.uncommitted or self.consumer is None or not self.worker.should_commit():
+            return
+        # Offsets of partitions that moved to another member in a rebalance are not ours to commit:
+        # the new owner re-reads those records, and the idempotency record (written before the
+        # partitions moved) keeps it from deciding them again.
+        owned = self.consumer.assignment()
+        mine = [r for r in self.uncommitted if TopicPartition(r.topic, r.partition) in owned]
+        self.uncommitted = []
+        if not mine:
+            return
+        try:
+            commit_batch(self.consumer, mine)
+        except _REBALANCING as e:
+            # Safe to drop: a later commit on a partition still ours covers these offsets, and
+            # whoever re-reads them finds them decided already.
+            log.warning("commit_skipped_rebalance", role=self.worker.role, records=len(mine), error=type(e).__name__)
 
 
 class _FinishOnRevoke(ConsumerRebalanceListener):
-    """Before partitions move to another member, finish and commit the batch in flight."""
+    """Before partitions move to another member, get the batch in flight acknowledged and recorded.
+
+    kafka-python 3 runs this on the consumer's IO thread, where the consumer itself must not be
+    called (a commit there raises), so the offsets are committed by the loop after the rebalance.
+    """
 
     def __init__(self, flow: _Pipeline) -> None:
         self.flow = flow
 
     def on_partitions_revoked(self, revoked: object) -> None:
-        self.flow.finish()
+        self.flow.finish(commit=False)
 
     def on_partitions_assigned(self, assigned: object) -> None:
         pass
