@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from cascade.config import CascadeConfig
 from cascade.logging import get_logger
 from cascade.messages import Decision, Deferred, RoutingSnapshot
-from cascade.routing.cascade import build_stages, deferral_costs
+from cascade.routing.cascade import build_stage, deferral_costs
 from cascade.routing.stage import Action, Stage
 from cascade.state.base import StateStore
 from cascade.state.keys import cache_key
@@ -81,8 +81,7 @@ class TierWorker(Worker):
         topics = Topics(config)
         super().__init__(config, [topics.input_of(tier)], topics.group(self.role), metrics_port)
         self.task = Task(config.task)
-        stages = build_stages(config)
-        self.stage = stages[names.index(tier)]
+        self.stage = build_stage(config, names.index(tier))
         self.stage.rng.seed(config.seed * 1_000_003 + os.getpid())  # replicas must not explore in lockstep
         self.first = names.index(tier) == 0
         self.follower = ModelFollower(self.state, self.stage, self.role, self.metrics)

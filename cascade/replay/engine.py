@@ -22,7 +22,7 @@ from cascade.evaluation.progress import Progress
 from cascade.messages import LiveParams
 from cascade.replay.join import Joined, JoinedAnswers
 from cascade.replay.sweep import Setting
-from cascade.routing.cascade import Cascade
+from cascade.routing.cascade import Cascade, initial_params
 from cascade.task import Task
 
 
@@ -142,7 +142,7 @@ def run_sweep(
     ``snapshots`` (tier name -> (tier bytes, policy bytes)) start every setting from those models.
     """
     global _JOB
-    base = base or LiveParams(mu=config.deferral.mu, thresholds=dict(config.deferral.threshold_overrides))
+    base = base or initial_params(config)
     settings = list(settings)
     total = len(settings) * len(joined.events)
     bar = Progress(total, f"replay ({len(settings)} settings x {len(joined.events)} events)", enabled=progress)

@@ -30,15 +30,21 @@ def build_tier(config: CascadeConfig, index: int) -> Tier:
     raise NotImplementedError(f"tier kind {tc.kind!r} is not available in this build")
 
 
+def initial_params(config: CascadeConfig) -> LiveParams:
+    return LiveParams(mu=config.deferral.mu, thresholds=dict(config.deferral.threshold_overrides))
+
+
+def build_stage(config: CascadeConfig, index: int, params: LiveParams | None = None) -> Stage:
+    """One tier and its policy; a tier worker builds only its own (and needs only its extras)."""
+    tc = config.tiers[index]
+    policy = DeferralPolicy(tc.name, config.deferral, warmup=tc.warmup_demonstrations)
+    return Stage(build_tier(config, index), policy, params or initial_params(config),
+                 seed=config.seed * 1000 + index, miss_costs=config.task.miss_costs)
+
+
 def build_stages(config: CascadeConfig, params: LiveParams | None = None) -> list[Stage]:
-    params = params or LiveParams(mu=config.deferral.mu, thresholds=dict(config.deferral.threshold_overrides))
-    stages = []
-    for i, tc in enumerate(config.tiers):
-        policy = DeferralPolicy(tc.name, config.deferral, warmup=tc.warmup_demonstrations)
-        stages.append(
-            Stage(build_tier(config, i), policy, params, seed=config.seed * 1000 + i, miss_costs=config.task.miss_costs)
-        )
-    return stages
+    params = params or initial_params(config)
+    return [build_stage(config, i, params) for i in range(len(config.tiers))]
 
 
 def deferral_costs(chain: Sequence[RoutingSnapshot], llm_cost: float) -> list[DeferralCost]:
@@ -94,7 +100,7 @@ class Cascade:
         # The embedded default is the in-process store; pass a RedisState to share a deployment's.
         self.state = state if state is not None else make_state(config)
         self.task = Task(config.task)
-        self.params = LiveParams(mu=config.deferral.mu, thresholds=dict(config.deferral.threshold_overrides))
+        self.params = initial_params(config)
         self.stages = build_stages(config, self.params)
         self.learner = Learner(self.stages)
         self.llm = llm or make_backend(self.task, config.llm)
