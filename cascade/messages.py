@@ -107,6 +107,7 @@ class Deferred(Message):
     explored: bool = False
     cost: float = 0.0  # spent on it so far
     first_seen: float = Field(default_factory=time.time)
+    llm_holds: int = Field(0, ge=0, description="times requeued because the LLM endpoint's circuit was open")
 
 
 class DeadLetter(Message):

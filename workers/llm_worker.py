@@ -17,7 +17,7 @@ from cascade.routing.cascade import fallback_decision
 from cascade.state import BudgetRequest, cacheable
 from cascade.state.keys import cache_key
 from cascade.task import Task
-from cascade.tiers.llm import LLMError, call_with_retries, make_backend
+from cascade.tiers.llm import CIRCUIT_OPEN, LLMError, call_with_retries, make_backend
 from workers.kafka_io import OutRecord
 from workers.loop import BatchResult, Worker, dead_letter
 from workers.topics import Topics
@@ -56,6 +56,9 @@ class LLMWorker(Worker):
             [answer] = call_with_retries(
                 lambda: self.backend.answer([d.event]), self.config.llm.max_retries,
                 self.config.llm.retry_backoff_s, self.rng, on_retry=retry,
+                # An open circuit is not waited out here (a batch could outlast the poll interval):
+                # the event is held on the LLM topic instead, see process().
+                retry_if=lambda e: e.retryable and e.reason != CIRCUIT_OPEN,
             )
             return answer
         except LLMError as e:
@@ -105,6 +108,14 @@ class LLMWorker(Worker):
             rec, d = items[i]
             if isinstance(ans, LLMError):
                 self.state.charge(self.tenant, calls=-1)  # the call never succeeded: refund it
+                if ans.reason == CIRCUIT_OPEN and d.llm_holds < self.config.llm.max_retries:
+                    # Held: back onto the LLM topic with its count, and no fetching until the
+                    # circuit half-opens. After max_retries holds it is dead-lettered below.
+                    held = d.model_copy(update={"llm_holds": d.llm_holds + 1})
+                    res.records.append(OutRecord(self.topics.llm, rec.key, held.model_dump_json().encode()))
+                    self.hold_until = max(self.hold_until, time.time() + (ans.retry_after_s or 1.0))
+                    self.metrics.llm_retries.labels(self.role).inc()
+                    continue
                 res.records.append(dead_letter(self.topics, self.role, rec, f"llm_{ans.reason}", str(ans)))
                 self.metrics.dead_letters.labels(self.role, f"llm_{ans.reason}").inc()
                 log.error("llm_failed", event_id=i, reason=ans.reason)

@@ -15,6 +15,9 @@ from cascade.messages import Event, LLMAnswer
 from cascade.task import Task
 
 
+CIRCUIT_OPEN = "circuit_open"  # the reason of a call refused by an open circuit breaker
+
+
 class LLMError(Exception):
     """A failed LLM call. ``retryable`` failures are retried with backoff, the rest dead-lettered."""
 
@@ -94,15 +97,16 @@ def call_with_retries(
     rng: random.Random,
     sleep: Callable[[float], None] = time.sleep,
     on_retry: Callable[[int, LLMError], None] | None = None,
+    retry_if: Callable[[LLMError], bool] = lambda e: e.retryable,
 ) -> list[LLMAnswer]:
     """Exponential backoff with full jitter (at least the error's ``retry_after_s`` when it has one);
-    non-retryable errors and the last failure propagate."""
+    errors ``retry_if`` declines and the last failure propagate."""
     attempt = 0
     while True:
         try:
             return call()
         except LLMError as e:
-            if not e.retryable or attempt >= max_retries:
+            if not retry_if(e) or attempt >= max_retries:
                 raise
             if on_retry is not None:
                 on_retry(attempt, e)

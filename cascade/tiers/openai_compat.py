@@ -40,7 +40,7 @@ from cascade.logging import get_logger
 from cascade.messages import Event, LLMAnswer
 from cascade.task import Task
 from cascade.tiers.circuit import CircuitBreaker, CircuitOpen
-from cascade.tiers.llm import LLMBackend, LLMError
+from cascade.tiers.llm import CIRCUIT_OPEN, LLMBackend, LLMError
 
 log = get_logger("cascade.llm.openai")
 
@@ -281,7 +281,7 @@ class OpenAIBackend(LLMBackend):
         try:
             self.breaker.before_call()
         except CircuitOpen as e:
-            raise LLMError("circuit_open", self.config.base_url, retryable=True, retry_after_s=e.retry_in_s) from None
+            raise LLMError(CIRCUIT_OPEN, self.config.base_url, retryable=True, retry_after_s=e.retry_in_s) from None
         start = time.perf_counter()
         fmt = self._format
         while True:
