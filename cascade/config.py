@@ -89,6 +89,12 @@ class TierConfig(_Section):
     threads: int = Field(1, gt=0, description="onnxruntime intra-op threads")
     head_learning_rate: float = Field(0.5, gt=0, description="AdaGrad step of the ONNX tier's softmax head")
     head_batch_size: int = Field(16, gt=0, description="demonstrations per head update")
+    head_ngrams: int = Field(
+        0, ge=0,
+        description="hash buckets of the text's word uni- and bigrams that the ONNX head reads "
+        "beside the embedding; 0: the embedding only",
+    )
+    head_ngram_learning_rate: float = Field(0.5, gt=0, description="AdaGrad step of the head's n-gram weights")
     embedding_cache: Path | None = Field(
         None, description="optional .npz of precomputed embeddings (benchmarks); misses are computed"
     )

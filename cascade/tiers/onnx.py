@@ -6,44 +6,93 @@ regression over the embedding, learned from LLM demonstrations in mini-batches w
 numpy. Its snapshot is an ONNX graph (MatMul + Add + Softmax) built with the ``onnx`` helper
 API, so whoever serves the tier runs the head in onnxruntime only; ``predict_proba`` runs that
 same graph, re-building its session only when the head has learned since.
+
+With ``head_ngrams`` > 0 the head also reads the text's hashed word uni- and bigrams (a sparse
+linear part beside the embedding, its own AdaGrad step): the tier's input is then
+``NgramInput`` (embedding, bucket ids, values) and the graph adds a Gather over the n-gram weight
+table (``ngram_ids``, ``ngram_vals``: batch × n-grams, padded with value 0). In-process the
+weights are fed to that graph as inputs, so learning never rebuilds its session; the snapshot
+carries them as initializers. On ISEAR it imitates the LLM better than the embedding alone
+(docs/benchmarks.md, ONNX section).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from cascade.config import TierConfig
+from cascade.config import FeatureConfig, TierConfig
+from cascade.features import HashedNgrams
 from cascade.messages import Event
 from cascade.tiers.base import SnapshotError, Tier
 from cascade.tiers.encoders import SentenceEncoder, resolve_encoder, session_options
 
 HEAD_INPUT, HEAD_OUTPUT = "embedding", "probs"
+NGRAM_IDS, NGRAM_VALS = "ngram_ids", "ngram_vals"
 _OPSET = 13
 _EPS = 1e-8
 
 
-def head_model(weights: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
-    """probs = softmax(embedding @ W + b) as an ONNX model (batch × dim → batch × labels)."""
+class NgramInput(NamedTuple):
+    """The tier's input when its head reads n-grams too: the embedding and the hashed n-grams."""
+
+    embedding: np.ndarray
+    ids: np.ndarray  # int64 hash buckets
+    vals: np.ndarray  # float32 weights (L2-normalised presence)
+
+
+def head_model(
+    weights: np.ndarray, bias: np.ndarray, ngram_weights: np.ndarray | None = None, *, weights_as_inputs: bool = False
+) -> onnx.ModelProto:
+    """probs = softmax(embedding @ W + b [+ sum_j vals_j * Wn[ids_j]]) as an ONNX model.
+
+    ``weights_as_inputs`` makes W, b (and Wn) graph inputs instead of initializers: the same
+    computation, fed the current weights on every run (what the learning process uses).
+    """
     dim, k = weights.shape
+    nodes = [helper.make_node("MatMul", [HEAD_INPUT, "W"], ["logits0"])]
+    inputs = [helper.make_tensor_value_info(HEAD_INPUT, TensorProto.FLOAT, ["batch", dim])]
+    params = {"W": weights, "b": bias}
+    last = "logits0"
+    if ngram_weights is not None:
+        params["Wn"] = ngram_weights
+        inputs += [
+            helper.make_tensor_value_info(NGRAM_IDS, TensorProto.INT64, ["batch", "ngrams"]),
+            helper.make_tensor_value_info(NGRAM_VALS, TensorProto.FLOAT, ["batch", "ngrams"]),
+        ]
+        nodes += [
+            helper.make_node("Gather", ["Wn", NGRAM_IDS], ["rows"], axis=0),  # batch × ngrams × labels
+            helper.make_node("Unsqueeze", [NGRAM_VALS, "axis2"], ["vals3"]),
+            helper.make_node("Mul", ["rows", "vals3"], ["weighted"]),
+            helper.make_node("ReduceSum", ["weighted", "axis1"], ["ngram_logits"], keepdims=0),
+            helper.make_node("Add", ["logits0", "ngram_logits"], ["logits1"]),
+        ]
+        last = "logits1"
+    nodes += [
+        helper.make_node("Add", [last, "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], [HEAD_OUTPUT], axis=1),
+    ]
+    consts = []
+    if ngram_weights is not None:
+        consts = [numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2"),
+                  numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")]
+    arrays = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in params.items()}
+    if weights_as_inputs:
+        inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(a.shape)) for name, a in arrays.items()]
+        initializer = consts
+    else:
+        initializer = [numpy_helper.from_array(a, name) for name, a in arrays.items()] + consts
     graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", [HEAD_INPUT, "W"], ["logits0"]),
-            helper.make_node("Add", ["logits0", "b"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], [HEAD_OUTPUT], axis=1),
-        ],
+        nodes,
         "cascade_softmax_head",
-        [helper.make_tensor_value_info(HEAD_INPUT, TensorProto.FLOAT, ["batch", dim])],
+        inputs,
         [helper.make_tensor_value_info(HEAD_OUTPUT, TensorProto.FLOAT, ["batch", k])],
-        initializer=[
-            numpy_helper.from_array(np.ascontiguousarray(weights, dtype=np.float32), "W"),
-            numpy_helper.from_array(np.ascontiguousarray(bias, dtype=np.float32), "b"),
-        ],
+        initializer=initializer,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], producer_name="cascade")
     model.ir_version = 8  # readable by every onnxruntime >= 1.14
@@ -51,12 +100,14 @@ def head_model(weights: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
     return model
 
 
-def head_weights(model_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
+def head_weights(model_bytes: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """W, b and the n-gram table Wn (None for a head over the embedding only)."""
     model = onnx.load_from_string(model_bytes)
     init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    if set(init) != {"W", "b"}:
+    if set(init) not in ({"W", "b"}, {"W", "b", "Wn", "axis1", "axis2"}):
         raise SnapshotError(f"not a softmax head: initializers {sorted(init)}")
-    return init["W"].astype(np.float32), init["b"].astype(np.float32)
+    wn = init["Wn"].astype(np.float32) if "Wn" in init else None
+    return init["W"].astype(np.float32), init["b"].astype(np.float32), wn
 
 
 def text_key(text: str) -> str:
@@ -82,6 +133,13 @@ class OnnxTier(Tier):
         self.b = np.zeros(k, dtype=np.float32)
         self.G_W = np.zeros((d, k), dtype=np.float32)  # AdaGrad's sums of squared gradients
         self.G_b = np.zeros(k, dtype=np.float32)
+        self.ngrams: HashedNgrams | None = None
+        self.Wn: np.ndarray | None = None
+        self.G_Wn: np.ndarray | None = None
+        if config.head_ngrams:
+            self.ngrams = HashedNgrams(FeatureConfig(n_features=config.head_ngrams, ngram_max=2))
+            self.Wn = np.zeros((config.head_ngrams, k), dtype=np.float32)
+            self.G_Wn = np.zeros((config.head_ngrams, k), dtype=np.float32)
         self._session: ort.InferenceSession | None = None
         self._session_version = -1
         self.cache: dict[str, np.ndarray] = {}
@@ -111,19 +169,45 @@ class OnnxTier(Tier):
                 out[i] = self.cache[k]
         return out
 
-    def prepare(self, events: Sequence[Event]) -> list[np.ndarray]:
-        """One embedding per event (float32, L2-normalised), computed in encoder batches."""
-        return list(self.embed([e.text for e in events]))
+    def prepare(self, events: Sequence[Event]) -> list[Any]:
+        """One embedding per event (float32, L2-normalised), computed in encoder batches; with
+        ``head_ngrams``, an ``NgramInput`` of the embedding and the text's hashed n-grams."""
+        embeddings = list(self.embed([e.text for e in events]))
+        if self.ngrams is None:
+            return embeddings
+        out = []
+        for e, x in zip(events, embeddings):
+            v = self.ngrams.transform(e.text)
+            out.append(NgramInput(x, np.fromiter(v.keys(), np.int64, len(v)), np.fromiter(v.values(), np.float32, len(v))))
+        return out
+
+    def _feeds(self, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
+        """The head graph's data inputs for a batch (n-grams padded with bucket 0, value 0)."""
+        if self.ngrams is None:
+            return {HEAD_INPUT: np.ascontiguousarray(np.stack(inputs), dtype=np.float32)}
+        n, width = len(inputs), max(1, max(len(x.ids) for x in inputs))
+        ids = np.zeros((n, width), dtype=np.int64)
+        vals = np.zeros((n, width), dtype=np.float32)
+        for r, x in enumerate(inputs):
+            ids[r, : len(x.ids)] = x.ids
+            vals[r, : len(x.vals)] = x.vals
+        emb = np.ascontiguousarray(np.stack([x.embedding for x in inputs]), dtype=np.float32)
+        return {HEAD_INPUT: emb, NGRAM_IDS: ids, NGRAM_VALS: vals}
 
     # -- the head ----------------------------------------------------------------------------
 
     def head_bytes(self) -> bytes:
-        return head_model(self.W, self.b).SerializeToString()
+        return head_model(self.W, self.b, self.Wn).SerializeToString()
 
     def _head_session(self) -> ort.InferenceSession:
+        opts = session_options(1)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # a few nodes: nothing to gain
+        if self.Wn is not None:  # weights fed on every run: one session for the tier's life
+            if self._session is None:
+                model = head_model(self.W, self.b, self.Wn, weights_as_inputs=True).SerializeToString()
+                self._session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+            return self._session
         if self._session is None or self._session_version != self.version:
-            opts = session_options(1)
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # three nodes: nothing to gain
             self._session = ort.InferenceSession(self.head_bytes(), sess_options=opts, providers=["CPUExecutionProvider"])
             self._session_version = self.version
         return self._session
@@ -134,13 +218,20 @@ class OnnxTier(Tier):
             return np.zeros((0, k))
         if self.version == 0:
             return np.full((n, k), 1.0 / k)
-        x = np.ascontiguousarray(np.stack(inputs), dtype=np.float32)
-        (probs,) = self._head_session().run([HEAD_OUTPUT], {HEAD_INPUT: x})
+        feeds = self._feeds(inputs)
+        if self.Wn is not None:
+            feeds.update(W=self.W, b=self.b, Wn=self.Wn)
+        (probs,) = self._head_session().run([HEAD_OUTPUT], feeds)
         return probs.astype(np.float64)
 
-    def numpy_proba(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+    def numpy_proba(self, inputs: Sequence[Any]) -> np.ndarray:
         """The head's math in numpy (what learning uses); equals the ONNX graph's output."""
-        z = np.stack(inputs).astype(np.float32) @ self.W + self.b
+        if self.Wn is None:
+            z = np.stack(inputs).astype(np.float32) @ self.W + self.b
+        else:
+            z = np.stack([x.embedding for x in inputs]).astype(np.float32) @ self.W + self.b
+            for r, x in enumerate(inputs):
+                z[r] += x.vals @ self.Wn[x.ids]
         z -= z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
@@ -150,10 +241,14 @@ class OnnxTier(Tier):
         lr, l2, m = self.config.head_learning_rate, self.config.l2, self.config.head_batch_size
         for start in range(0, len(rows), m):
             chunk = rows[start : start + m]
-            x = np.stack([c[0] for c in chunk]).astype(np.float32)
             y = np.zeros((len(chunk), len(self.labels)), dtype=np.float32)
             y[np.arange(len(chunk)), [c[1] for c in chunk]] = 1.0
-            err = (self.numpy_proba(list(x)) - y) / len(chunk)
+            err = (self.numpy_proba([c[0] for c in chunk]) - y) / len(chunk)
+            if self.Wn is not None:
+                self._learn_ngrams([c[0] for c in chunk], err)
+                x = np.stack([c[0].embedding for c in chunk]).astype(np.float32)
+            else:
+                x = np.stack([c[0] for c in chunk]).astype(np.float32)
             g_w = x.T @ err
             if l2:
                 g_w += l2 * self.W
@@ -163,6 +258,20 @@ class OnnxTier(Tier):
             self.W -= lr * g_w / (np.sqrt(self.G_W) + _EPS)
             self.b -= lr * g_b / (np.sqrt(self.G_b) + _EPS)
 
+    def _learn_ngrams(self, inputs: Sequence[NgramInput], err: np.ndarray) -> None:
+        """AdaGrad on the rows of the n-gram table the chunk touches (sparse)."""
+        assert self.Wn is not None and self.G_Wn is not None
+        ids = np.concatenate([x.ids for x in inputs])
+        if not len(ids):
+            return
+        vals = np.concatenate([x.vals for x in inputs])
+        owner = np.repeat(np.arange(len(inputs)), [len(x.ids) for x in inputs])
+        rows, inverse = np.unique(ids, return_inverse=True)
+        grad = np.zeros((len(rows), self.Wn.shape[1]), dtype=np.float32)
+        np.add.at(grad, inverse, vals[:, None] * err[owner])
+        self.G_Wn[rows] += grad * grad
+        self.Wn[rows] -= self.config.head_ngram_learning_rate * grad / (np.sqrt(self.G_Wn[rows]) + _EPS)
+
     # -- snapshots ---------------------------------------------------------------------------
 
     def _state(self) -> Any:
@@ -170,14 +279,20 @@ class OnnxTier(Tier):
             "encoder": self.encoder.fingerprint,
             "head_onnx": self.head_bytes(),
             "adagrad": (self.G_W.copy(), self.G_b.copy()),  # for a learner that restores and goes on
+            **({"adagrad_ngrams": self.G_Wn.copy()} if self.G_Wn is not None else {}),
         }
 
     def _load_state(self, state: Any) -> None:
         if state["encoder"] != self.encoder.fingerprint:
             raise SnapshotError(f"snapshot of a head over {state['encoder']} cannot serve {self.encoder.fingerprint}")
-        W, b = head_weights(state["head_onnx"])
+        W, b, Wn = head_weights(state["head_onnx"])
         if W.shape != self.W.shape:
             raise SnapshotError(f"head shape {W.shape} differs from {self.W.shape}")
+        if (Wn is None) != (self.Wn is None) or (Wn is not None and Wn.shape != self.Wn.shape):  # type: ignore[union-attr]
+            raise SnapshotError(f"head n-gram table {None if Wn is None else Wn.shape} does not fit this tier's "
+                                f"head_ngrams={self.config.head_ngrams}")
         self.W, self.b = W, b
         self.G_W, self.G_b = (a.astype(np.float32).copy() for a in state["adagrad"])
+        if Wn is not None:
+            self.Wn, self.G_Wn = Wn, state["adagrad_ngrams"].astype(np.float32).copy()
         self._session = None

@@ -1,6 +1,7 @@
 """The ONNX tier: a packaged sentence encoder and a softmax head learned online, served as ONNX."""
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -8,7 +9,7 @@ from cascade.config import CascadeConfig, TierConfig
 from cascade.routing.cascade import Cascade, build_tier
 from cascade.tiers.base import SnapshotError
 from cascade.tiers.encoders import BUILTIN_ENCODERS, EncoderNotFound, resolve_encoder
-from cascade.tiers.onnx import HEAD_INPUT, HEAD_OUTPUT, OnnxTier, head_model
+from cascade.tiers.onnx import HEAD_INPUT, HEAD_OUTPUT, NgramInput, OnnxTier, head_model
 from tests.unit.streams import LLM, easy_and_hard, event
 
 LABELS = ["fear", "joy"]
@@ -139,3 +140,63 @@ def test_build_tier_and_a_three_tier_cascade_runs():
     # The ONNX stage's policy features carry the logistic tier's after its own.
     out = onnx_stage.route([e for e, _ in stream[:4]])
     assert len(out[0].output.policy_features) > 0
+
+
+@pytest.fixture(scope="module")
+def ngram_config():
+    return TierConfig(name="onnx", kind="onnx", cost=5.0, head_ngrams=2**12)
+
+
+def test_the_ngram_head_equals_the_numpy_math_and_the_served_graph(ngram_config, encoder):
+    tier = OnnxTier(ngram_config, LABELS, encoder=encoder)
+    events = [e for e, _ in easy_and_hard(120, seed=5)]
+    inputs = tier.prepare(events)
+    assert isinstance(inputs[0], NgramInput) and len(inputs[0].ids) == len(inputs[0].vals) > 0
+    assert np.allclose(tier.predict_proba(inputs[:4]), 0.5)
+    tier.learn(inputs[:80], [e.payload["llm"][LLM] for e in events[:80]])
+    assert np.abs(tier.Wn).sum() > 0  # the n-gram table learned
+    session = tier._head_session()
+    probs = tier.predict_proba(inputs[80:])
+    assert np.allclose(probs, tier.numpy_proba(inputs[80:]), atol=1e-6)
+    assert tier._head_session() is session  # weights are fed, the session outlives learning
+    served = ort.InferenceSession(tier.head_bytes(), providers=["CPUExecutionProvider"])
+    (out,) = served.run([HEAD_OUTPUT], tier._feeds(inputs[80:]))
+    assert np.allclose(out, probs, atol=1e-6)
+    model_ops = [n.op_type for n in onnx.load_from_string(tier.head_bytes()).graph.node]
+    assert "Gather" in model_ops and "Softmax" in model_ops
+
+
+def test_the_ngram_head_learns_from_words_alone(ngram_config, encoder):
+    # The same embedding for every event: only the n-grams can tell the labels apart.
+    tier = OnnxTier(ngram_config, LABELS, encoder=encoder)
+    flat = np.zeros(encoder.dim, dtype=np.float32)
+    words = {"fear": "dark scary night", "joy": "sunny happy party"}
+    rows = [(LABELS[i % 2], NgramInput(flat, *_hashed(tier, words[LABELS[i % 2]] + f" w{i}"))) for i in range(200)]
+    for i in range(0, 160, 8):
+        tier.learn([x for _, x in rows[i : i + 8]], [y for y, _ in rows[i : i + 8]])
+    probs = tier.predict_proba([x for _, x in rows[160:]])
+    assert (np.array(LABELS)[probs.argmax(axis=1)] == [y for y, _ in rows[160:]]).all()
+
+
+def _hashed(tier, text):
+    v = tier.ngrams.transform(text)
+    return np.fromiter(v.keys(), np.int64, len(v)), np.fromiter(v.values(), np.float32, len(v))
+
+
+def test_ngram_head_snapshot_round_trip(ngram_config, encoder):
+    tier = OnnxTier(ngram_config, LABELS, encoder=encoder)
+    events = [e for e, _ in easy_and_hard(120, seed=6)]
+    inputs = tier.prepare(events)
+    tier.learn(inputs[:80], [e.payload["llm"][LLM] for e in events[:80]])
+    restored = OnnxTier(ngram_config, LABELS, encoder=encoder)
+    restored.restore(tier.snapshot())
+    assert np.array_equal(restored.predict_proba(inputs[80:]), tier.predict_proba(inputs[80:]))
+    more = [e.payload["llm"][LLM] for e in events[80:100]]
+    tier.learn(inputs[80:100], more)
+    restored.learn(inputs[80:100], more)
+    assert np.array_equal(restored.predict_proba(inputs[100:]), tier.predict_proba(inputs[100:]))
+    # A head with an n-gram table cannot restore into a tier without one, nor the reverse.
+    with pytest.raises(SnapshotError):
+        fresh(TierConfig(name="onnx", kind="onnx"), encoder).restore(tier.snapshot())
+    with pytest.raises(SnapshotError):
+        OnnxTier(ngram_config, LABELS, encoder=encoder).restore(fresh(TierConfig(name="onnx", kind="onnx"), encoder).snapshot())
