@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if rows is not None and not args.config:
         overrides["task"] = {"name": Path(args.data).name.split(".")[0], "labels": sorted(labels_of(rows))}
     config = _config(args, **overrides)
+    if rows is not None:
+        # A run over a file gets topics and state of its own: ids repeat between runs of the same
+        # file, and the idempotency record of an earlier run would skip them as already decided.
+        run_id = args.run_id or uuid.uuid4().hex[:8]
+        config = config.model_copy(update={
+            "kafka": config.kafka.model_copy(update={"topic_prefix": f"{config.kafka.topic_prefix}{run_id}."}),
+            "redis": config.redis.model_copy(update={"key_prefix": f"{config.redis.key_prefix}{run_id}:"}),
+        })
+        log.info("run", run_id=run_id, topic_prefix=config.kafka.topic_prefix)
     services = []
     if args.start_services:
         from workers.local_services import ensure_redis, ensure_tansu
@@ -98,7 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         services.append(ensure_llm_server(config.llm.base_url, run_dir=args.run_dir))
     try:
-        report, _ = run_pipeline(config, rows, args.run_dir, args.base_port, args.timeout, progress=not args.quiet)
+        report, _ = run_pipeline(config, rows, args.run_dir, args.base_port, args.timeout, progress=not args.quiet,
+                                 rate=args.rate or None)
     finally:
         for s in reversed(services):
             s.stop()
@@ -174,8 +185,10 @@ def _key_value(text: str) -> tuple[str, float]:
 def _print_report(report: Any) -> None:
     print(f"events            {report.events}")
     print(f"LLM calls         {report.llm_calls} ({report.llm_call_fraction:.1%})")
-    print(f"accuracy          {report.accuracy:.4f}   (LLM alone {report.llm_accuracy:.4f})")
-    print(f"agreement w/ LLM  {report.agreement_with_llm:.4f}")
+    alone = "no recorded answers" if report.llm_accuracy is None else f"{report.llm_accuracy:.4f}"
+    print(f"accuracy          {report.accuracy:.4f}   (LLM alone {alone})")
+    if report.agreement_with_llm is not None:
+        print(f"agreement w/ LLM  {report.agreement_with_llm:.4f}")
     print(f"cache hits        {report.cache_hits}   budget exhausted {report.budget_exhausted}   "
           f"LLM unusable {report.llm_unusable}   explored {report.explored}")
     print(f"macro-F1          {report.macro_f1:.4f}")
@@ -233,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", type=Path, default=Path(".run"))
     r.add_argument("--base-port", type=int, default=9100, help="metrics ports: base, base+1, ...")
     r.add_argument("--timeout", type=float, default=900.0)
+    r.add_argument("--run-id", default=None, help="names this run's topics and state (default: random)")
+    r.add_argument("--rate", type=float, default=300.0,
+                   help="events per second fed from --data, like live traffic (0: as fast as possible)")
     r.add_argument("--json", action="store_true")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_run)

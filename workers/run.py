@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,13 +59,20 @@ def stop_workers(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> None
             p.kill()
 
 
-def produce_events(config: CascadeConfig, rows: list[LabelledEvent]) -> None:
-    """The user's side: events onto the input topic, keyed by id (gold labels stay behind)."""
+def produce_events(config: CascadeConfig, rows: list[LabelledEvent], rate: float | None = None) -> None:
+    """The user's side: events onto the input topic, keyed by id (gold labels stay behind).
+
+    ``rate`` (events per second) paces the stream like live traffic, so the learner's snapshots
+    reach the tier workers while the stream is still flowing; None sends as fast as possible.
+    """
     topics = Topics(config)
     producer = make_producer(config.kafka, client_id="cascade-run-feeder")
+    batch = 500 if rate is None else max(1, int(rate / 10))
+    start = time.monotonic()
     try:
-        batch = 500
         for i in range(0, len(rows), batch):
+            if rate is not None:
+                time.sleep(max(0.0, start + i / rate - time.monotonic()))
             produce_and_flush(producer, [
                 OutRecord(topics.events, r.event.id.encode(), json.dumps(r.event.payload).encode()) for r in rows[i : i + batch]
             ])
@@ -105,7 +113,8 @@ def score(config: CascadeConfig, rows: list[LabelledEvent], decisions: dict[str,
 
 
 def run_pipeline(config: CascadeConfig, rows: list[LabelledEvent] | None, run_dir: Path, base_port: int,
-                 timeout_s: float, progress: bool = True) -> tuple[Report | None, dict[str, list[Decision]]]:
+                 timeout_s: float, progress: bool = True, rate: float | None = None,
+                 ) -> tuple[Report | None, dict[str, list[Decision]]]:
     kcfg = config.kafka
     ensure_topics(kcfg.bootstrap_servers, Topics(config).all(), kcfg.partitions, kcfg.replication_factor)
     procs = start_workers(config, run_dir, base_port)
@@ -115,8 +124,10 @@ def run_pipeline(config: CascadeConfig, rows: list[LabelledEvent] | None, run_di
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
             return None, {}
         start = time.perf_counter()
-        produce_events(config, rows)
+        feeder = threading.Thread(target=produce_events, args=(config, rows, rate), name="feeder", daemon=True)
+        feeder.start()
         decisions = collect_decisions(config, {r.event.id for r in rows}, timeout_s, progress)
+        feeder.join()
         return score(config, rows, decisions, time.perf_counter() - start), decisions
     finally:
         stop_workers(procs)

@@ -28,10 +28,10 @@ class Report(BaseModel):
     llm_calls: int
     llm_call_fraction: float
     accuracy: float
-    llm_accuracy: float
+    llm_accuracy: float | None  # None when the LLM's answers were not recorded (a live LLM)
     # The first tier's own prediction on every event, same demonstrations (None where not seen).
     cheap_tier_alone_accuracy: float | None
-    agreement_with_llm: float
+    agreement_with_llm: float | None
     macro_f1: float
     per_tier: dict[str, TierScore]
     per_class: dict[str, ClassScore]
@@ -104,6 +104,7 @@ class Scorer:
         n = len(self.gold)
         acc = lambda a, b: sum(x is not None and x == y for x, y in zip(a, b)) / max(len(a), 1)  # noqa: E731
         per_class = per_class_scores(self.labels, self.gold, self.pred)
+        recorded = any(p is not None for p in self.llm_pred)
         by_tier: dict[str, list[int]] = defaultdict(list)
         for i, t in enumerate(self.tiers):
             by_tier[t].append(i)
@@ -119,11 +120,11 @@ class Scorer:
             llm_calls=self.llm_calls,
             llm_call_fraction=self.llm_calls / max(n, 1),
             accuracy=acc(self.pred, self.gold),
-            llm_accuracy=acc(self.llm_pred, self.gold),
+            llm_accuracy=acc(self.llm_pred, self.gold) if recorded else None,
             cheap_tier_alone_accuracy=(
                 acc(self.cheap_pred, self.gold) if any(p is not None for p in self.cheap_pred) else None
             ),
-            agreement_with_llm=acc(self.pred, self.llm_pred),
+            agreement_with_llm=acc(self.pred, self.llm_pred) if recorded else None,
             macro_f1=sum(c.f1 for c in per_class.values()) / max(len(per_class), 1),
             per_tier=per_tier,
             per_class=per_class,
