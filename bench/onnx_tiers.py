@@ -1,6 +1,6 @@
 """The ONNX middle tier: encoder speed and imitation quality, and the cascade curves with and without it.
 
-    python bench/onnx_tiers.py [--data-dir ../shared/data] [--jobs 2] [--quick]
+    python bench/onnx_tiers.py [--data-dir ../shared/data] [--jobs 2] [--quick] [--head-ngrams 262144] [--order file]
 
 1. Encoders (built-in minilm-l3 and minilm-l6-int8): events per second per core (one onnxruntime
    thread, batch 32, encoder + head) and imitation quality: prequential agreement with the LLM of
@@ -13,6 +13,10 @@
 Embeddings are computed once per dataset and encoder and cached in bench/out/emb-*.npz (keyed
 by the text's sha1 and the encoder's fingerprint); the simulations read them through the tier's
 `embedding_cache`, so the curves cost head + policy time only. Writes bench/out/onnx_tiers.json.
+
+``--head-ngrams N`` runs the ONNX tier with hashed word uni-/bigrams (N buckets) beside the
+embedding in its head (TierConfig.head_ngrams), and adds that head to the imitation table.
+``--order file`` streams the rows in file order instead of shuffled with seed 0.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from cascade.tiers.onnx import OnnxTier, text_key
 GPT, LLAMA = "gpt-3.5-turbo-1106", "llama-2-70b-chat"
 OUT = Path(__file__).parent / "out"
 COSTS = {"logistic": 1.0, "onnx": 5.0, "llm": 100.0}
-MUS = {"isear": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4], "hatespeech": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}
+MUS = {"isear": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.325, 0.35, 0.4], "hatespeech": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}
 MISS_COSTS = {"isear": [{}], "hatespeech": [{}, {"hate": 3.0}]}
 DEFAULT_ENCODER = "minilm-l6-int8"
 
@@ -64,11 +68,11 @@ def ensure_cache(data_dir: str, dataset: str, encoder: str) -> Path:
     return path
 
 
-def speed(data_dir: str, encoder: str, n: int = 1000) -> dict[str, float]:
+def speed(data_dir: str, encoder: str, n: int = 1000, head: dict[str, Any] | None = None) -> dict[str, float]:
     """Events per second on one core: prepare (tokenise + encode) and predict_proba of a learned head."""
     rows = read_stream(Path(data_dir) / "isear.jsonl.gz", shuffle_seed=0)[:n]
     labels = sorted(labels_of(rows))
-    tier = OnnxTier(TierConfig(name="onnx", kind="onnx", encoder=encoder, threads=1, batch_size=32), labels)
+    tier = OnnxTier(TierConfig(name="onnx", kind="onnx", encoder=encoder, threads=1, batch_size=32, **(head or {})), labels)
     events = [r.event for r in rows]
     tier.prepare(events[:64])
     start = time.perf_counter()
@@ -82,7 +86,7 @@ def speed(data_dir: str, encoder: str, n: int = 1000) -> dict[str, float]:
     return {"encoder_ev_s": n / t_enc, "head_ev_s": n / t_head, "tier_ev_s": n / (t_enc + t_head)}
 
 
-def imitation(data_dir: str, dataset: str, llm: str, encoder: str | None) -> dict[str, Any]:
+def imitation(data_dir: str, dataset: str, llm: str, encoder: str | None, head: dict[str, Any] | None = None) -> dict[str, Any]:
     """Prequential agreement with the LLM when every event is a demonstration (predict, then learn)."""
     rows = read_stream(Path(data_dir) / f"{dataset}.jsonl.gz", shuffle_seed=0)
     labels = sorted(labels_of(rows))
@@ -91,7 +95,7 @@ def imitation(data_dir: str, dataset: str, llm: str, encoder: str | None) -> dic
         tier: Any = LogisticTier(config.tiers[0], labels, config.features)
     else:
         tier = OnnxTier(TierConfig(name="onnx", kind="onnx", encoder=encoder,
-                                   embedding_cache=cache_path(dataset, encoder)), labels)
+                                   embedding_cache=cache_path(dataset, encoder), **(head or {})), labels)
     agree = seen = 0
     curve = []
     for r in rows:
@@ -105,15 +109,17 @@ def imitation(data_dir: str, dataset: str, llm: str, encoder: str | None) -> dic
         tier.learn(x, [y])
         if seen in (500, 1000, 2000, 4000):
             curve.append((seen, agree / seen))
-    return {"dataset": dataset, "llm": llm, "tier": encoder or "logistic", "agreement": agree / seen, "curve": curve}
+    name = (encoder or "logistic") + ("+ngrams" if head and head.get("head_ngrams") else "")
+    return {"dataset": dataset, "llm": llm, "tier": name, "agreement": agree / seen, "curve": curve}
 
 
-def run_point(data_dir: str, dataset: str, llm: str, mu: float, miss: dict[str, float], three: bool, encoder: str) -> dict[str, Any]:
-    rows = read_stream(Path(data_dir) / f"{dataset}.jsonl.gz", shuffle_seed=0)
+def run_point(data_dir: str, dataset: str, llm: str, mu: float, miss: dict[str, float], three: bool, encoder: str,
+              head: dict[str, Any] | None = None, order_seed: int | None = 0) -> dict[str, Any]:
+    rows = read_stream(Path(data_dir) / f"{dataset}.jsonl.gz", shuffle_seed=order_seed)
     tiers: list[dict[str, Any]] = [{"name": "logistic", "kind": "logistic", "cost": COSTS["logistic"]}]
     if three:
         tiers.append({"name": "onnx", "kind": "onnx", "cost": COSTS["onnx"], "encoder": encoder,
-                      "embedding_cache": str(cache_path(dataset, encoder))})
+                      "embedding_cache": str(cache_path(dataset, encoder)), **(head or {})})
     config = load_config(
         None,
         task={"name": dataset, "labels": sorted(labels_of(rows)), "miss_costs": miss},
@@ -125,6 +131,7 @@ def run_point(data_dir: str, dataset: str, llm: str, mu: float, miss: dict[str, 
         "dataset": dataset, "llm": llm, "cascade": "3-tier" if three else "2-tier", "mu": mu, "miss_costs": miss,
         "llm_call_fraction": r.llm_call_fraction, "accuracy": r.accuracy, "macro_f1": r.macro_f1,
         "llm_accuracy": r.llm_accuracy, "hate_recall": hate.recall if hate else None,
+        "order": "file" if order_seed is None else f"shuffled({order_seed})", "head": head or {},
         "agreement_with_llm": r.agreement_with_llm, "seconds": r.seconds if hasattr(r, "seconds") else None,
     }
 
@@ -150,8 +157,12 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--encoder", default=DEFAULT_ENCODER, choices=sorted(BUILTIN_ENCODERS))
     ap.add_argument("--quick", action="store_true", help="skip the encoder comparison; fewer mu values")
+    ap.add_argument("--head-ngrams", type=int, default=0, help="TierConfig.head_ngrams of the ONNX tier (0: embedding only)")
+    ap.add_argument("--order", choices=["shuffled", "file"], default="shuffled", help="stream order (shuffled: seed 0)")
     ap.add_argument("--out", default=str(OUT / "onnx_tiers.json"))
     args = ap.parse_args()
+    head = {"head_ngrams": args.head_ngrams} if args.head_ngrams else {}
+    order_seed = None if args.order == "file" else 0
     data_dir = Path(args.data_dir)
     if not (data_dir / "isear.jsonl.gz").exists() or not (data_dir / "hatespeech.jsonl.gz").exists():
         print(f"SKIP: data files not found in {data_dir} (see ../shared/data/README.md)", file=sys.stderr)
@@ -162,20 +173,23 @@ def main() -> int:
     for enc in encoders:
         for dataset in ("isear", "hatespeech"):
             ensure_cache(dd, dataset, enc)
-    result: dict[str, Any] = {"costs": COSTS, "encoder": args.encoder}
+    result: dict[str, Any] = {"costs": COSTS, "encoder": args.encoder, "head": head, "order": args.order}
 
     print("\nencoders (one onnxruntime thread, batch 32; imitation = prequential agreement with the LLM, every event learned):")
     speeds = {enc: speed(dd, enc) for enc in encoders}
-    jobs = [(dd, ds, llm, enc) for ds in ("isear", "hatespeech") for llm in (GPT, LLAMA) for enc in [None, *encoders]]
+    if head:
+        speeds[args.encoder + "+ngrams"] = speed(dd, args.encoder, head=head)
+    variants = [(None, None)] + [(enc, None) for enc in encoders] + ([(args.encoder, head)] if head else [])
+    jobs = [(dd, ds, llm, enc, h) for ds in ("isear", "hatespeech") for llm in (GPT, LLAMA) for enc, h in variants]
     with ProcessPoolExecutor(args.jobs) as pool:
         imit = list(pool.map(imitation, *zip(*jobs)))
-    print(f"{'tier':<16}{'enc ev/s/core':>14}{'tier ev/s/core':>15}" + "".join(f"{j[1][:5] + '/' + j[2][:5]:>14}" for j in jobs[:: len(encoders) + 1]))
-    for tier in ["logistic", *encoders]:
+    print(f"{'tier':<22}{'enc ev/s/core':>14}{'tier ev/s/core':>15}" + "".join(f"{j[1][:5] + '/' + j[2][:5]:>14}" for j in jobs[:: len(variants)]))
+    for tier in ["logistic", *encoders] + ([args.encoder + "+ngrams"] if head else []):
         s = speeds.get(tier)
         cols = [f"{p['agreement']:>14.4f}" for p in imit if p["tier"] == tier]
         enc_s = f"{s['encoder_ev_s']:.0f}" if s else "-"
         tier_s = f"{s['tier_ev_s']:.0f}" if s else "-"
-        print(f"{tier:<16}{enc_s:>14}{tier_s:>15}" + "".join(cols))
+        print(f"{tier:<22}{enc_s:>14}{tier_s:>15}" + "".join(cols))
     result["speed"], result["imitation"] = speeds, imit
 
     points_jobs = []
@@ -185,7 +199,7 @@ def main() -> int:
             for miss in MISS_COSTS[dataset]:
                 for mu in mus:
                     for three in (False, True):
-                        points_jobs.append((dd, dataset, llm, mu, miss, three, args.encoder))
+                        points_jobs.append((dd, dataset, llm, mu, miss, three, args.encoder, head, order_seed))
     print(f"\n{len(points_jobs)} cascade runs on {args.jobs} processes (costs {COSTS}) ...", file=sys.stderr)
     with ProcessPoolExecutor(args.jobs) as pool:
         points = list(pool.map(run_point, *zip(*points_jobs)))
