@@ -101,7 +101,8 @@ class Stage:
             else:
                 action = Action.ANSWER if accept else Action.DEFER
             self.stats.update(action is Action.ANSWER, float(p[i]))
-            output = TierOutput(
+            # Built without validation: every field comes from this code, typed, on the hot path.
+            output = TierOutput.model_construct(
                 tier=self.tier.name,
                 version=self.tier.version,
                 probs=probs[i].tolist(),

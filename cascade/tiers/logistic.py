@@ -15,9 +15,10 @@ from cascade.messages import Event
 from cascade.tiers.base import Tier
 
 _BIAS = -1  # a bucket no hash produces: river's softmax regression has no intercept of its own
-# Batches at least this large are scored with a compiled numpy copy of the weights: river's
-# pure-Python dot products cost ~150 µs an event, which would cap a tier worker far below the
-# broker. Smaller batches (in-process learning after every demonstration) use river directly.
+# River's pure-Python dot products cost ~150 µs an event, which would cap a tier worker far below
+# the broker, so batches are scored with a compiled numpy copy of the weights: once a batch is
+# this large, or once the model has not changed since the last batch (a serving tier worker).
+# In-process learning after every demonstration keeps using river directly.
 _COMPILE_FROM = 32
 
 
@@ -66,6 +67,7 @@ class LogisticTier(Tier):
         optimizer = optim.AdaGrad if config.optimizer == "adagrad" else optim.SGD
         self.model = linear_model.SoftmaxRegression(optimizer=optimizer(config.learning_rate), l2=config.l2)
         self._compiled: CompiledWeights | None = None
+        self._last_version = -1  # the version the previous predict_proba saw
 
     def prepare(self, events: Sequence[Event]) -> list[SparseVector]:
         out = []
@@ -79,7 +81,8 @@ class LogisticTier(Tier):
         probs = np.full((len(inputs), len(self.labels)), 1.0 / len(self.labels))
         if not self.model.weights:
             return probs
-        if len(inputs) >= _COMPILE_FROM or (self._compiled is not None and self._compiled.version == self.version):
+        stable, self._last_version = self._last_version == self.version, self.version
+        if len(inputs) >= _COMPILE_FROM or stable:
             if self._compiled is None or self._compiled.version != self.version:
                 self._compiled = CompiledWeights(self.model, self.labels, self.featurizer.config.n_features, self.version)
             return self._compiled.predict_proba(inputs)
@@ -101,3 +104,4 @@ class LogisticTier(Tier):
     def _load_state(self, state: Any) -> None:
         self.model = state
         self._compiled = None  # the version may not change on a rollback
+        self._last_version = -1
