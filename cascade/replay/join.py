@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from cascade.config import LLMConfig
 from cascade.messages import Event, LLMAnswer
 from cascade.task import Task
-from cascade.tiers.llm import LLMError, RecordedAnswers
+from cascade.tiers.llm import RecordedAnswers
 
 if TYPE_CHECKING:
     from cascade.state.base import StateStore
@@ -140,12 +140,7 @@ class JoinedAnswers(RecordedAnswers):
         return False, None
 
     def answer(self, events: Sequence[Event]) -> list[LLMAnswer]:
-        out = []
-        for e in events:
-            found, raw = self.recorded(e)
-            if not found:
-                raise LLMError("no_recorded_answer", f"event {e.id} has no recorded answer of {self.name}", retryable=False)
-            out.append(LLMAnswer(raw=raw, label=self.task.map_answer(raw), cost=self.config.cost))
+        out = super().answer(events)
         self.calls += len(events)
         return out
 

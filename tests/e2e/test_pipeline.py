@@ -8,15 +8,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
-import redis
-import yaml
 from kafka import KafkaConsumer
 
 from cascade.config import load_config
@@ -62,6 +58,19 @@ def produce(config, payloads: list[bytes], keys: list[bytes]) -> None:
         producer.close()
 
 
+def produce_rows(config, rows: list[dict]) -> None:
+    produce(config, [json.dumps(r).encode() for r in rows], [r["id"].encode() for r in rows])
+
+
+def assert_one_decision_each(config, rows: list[dict], found: dict) -> list[Decision]:
+    """Every event has a decision, and the decisions topic holds exactly one per event."""
+    assert set(found) == {r["id"] for r in rows}
+    decisions = [Decision.model_validate_json(v) for v in read_all(config, Topics(config).decisions)]
+    ids = [d.event_id for d in decisions]
+    assert len(ids) == len(set(ids)) == len(rows)
+    return decisions
+
+
 def read_all(config, topic: str, idle_s: float = 3.0) -> list[bytes]:
     consumer = KafkaConsumer(topic, bootstrap_servers=config.kafka.bootstrap_servers, group_id=None,
                              auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=int(idle_s * 1000))
@@ -80,15 +89,12 @@ def test_every_event_gets_exactly_one_decision_through_two_tiers(pipeline_config
     rows = events(2000)
     procs = start_workers(config, tmp_path, free_port())
     try:
-        produce(config, [json.dumps(r).encode() for r in rows], [r["id"].encode() for r in rows])
+        produce_rows(config, rows)
         found = collect_decisions(config, {r["id"] for r in rows}, timeout_s=180, progress=False)
         routing = make_state(config).get_routing()
     finally:
         stop_workers(procs)
-    assert set(found) == {r["id"] for r in rows}
-    decisions = [Decision.model_validate_json(v) for v in read_all(config, Topics(config).decisions)]
-    ids = [d.event_id for d in decisions]
-    assert len(ids) == len(set(ids)) == 2000
+    decisions = assert_one_decision_each(config, rows, found)
     assert {d.reason for d in decisions} <= {"llm", "tier", "cache"}
     assert any(d.tier == "llm" for d in decisions)
     assert set(routing) == {"fast", "second"}  # both stages shared their routing for the deferral costs
@@ -103,19 +109,17 @@ def test_kill_9_of_a_tier_worker_loses_nothing_and_duplicates_nothing(pipeline_c
     procs = start_workers(pipeline_config, tmp_path, port)
     tier_cmd = procs[0].args
     try:
-        produce(pipeline_config, [json.dumps(r).encode() for r in rows[:1500]], [r["id"].encode() for r in rows[:1500]])
+        produce_rows(pipeline_config, rows[:1500])
         time.sleep(4)  # in the middle of the stream
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(10)
-        produce(pipeline_config, [json.dumps(r).encode() for r in rows[1500:]], [r["id"].encode() for r in rows[1500:]])
+        produce_rows(pipeline_config, rows[1500:])
         logf = (tmp_path / "tier-restarted.log").open("ab")
         procs[0] = subprocess.Popen(tier_cmd, stdout=logf, stderr=logf, env=dict(os.environ))
         found = collect_decisions(pipeline_config, {r["id"] for r in rows}, timeout_s=240, progress=False)
     finally:
         stop_workers(procs)
-    assert set(found) == {r["id"] for r in rows}
-    ids = [Decision.model_validate_json(v).event_id for v in read_all(pipeline_config, Topics(pipeline_config).decisions)]
-    assert len(ids) == len(set(ids)) == 3000
+    assert_one_decision_each(pipeline_config, rows, found)
 
 
 def test_malformed_events_are_dead_lettered_and_the_rest_answered(pipeline_config, tmp_path):
@@ -170,18 +174,16 @@ def test_rebalances_lose_nothing(pipeline_config, tmp_path):
     replica_cmd[replica_cmd.index("--metrics-port") + 1] = str(free_port())
     try:
         wait_ready(procs[0].args)
-        produce(pipeline_config, [json.dumps(r).encode() for r in rows[:1000]], [r["id"].encode() for r in rows[:1000]])
+        produce_rows(pipeline_config, rows[:1000])
         logf = (tmp_path / "tier-replica.log").open("ab")
         procs.append(subprocess.Popen(replica_cmd, stdout=logf, stderr=logf, env=dict(os.environ)))
-        produce(pipeline_config, [json.dumps(r).encode() for r in rows[1000:2000]], [r["id"].encode() for r in rows[1000:2000]])
+        produce_rows(pipeline_config, rows[1000:2000])
         wait_ready(replica_cmd)  # joined: the group rebalanced onto two members
         procs[0].send_signal(signal.SIGTERM)
         assert procs[0].wait(30) == 0  # finished its batch, committed, left the group
-        produce(pipeline_config, [json.dumps(r).encode() for r in rows[2000:]], [r["id"].encode() for r in rows[2000:]])
+        produce_rows(pipeline_config, rows[2000:])
         found = collect_decisions(pipeline_config, {r["id"] for r in rows}, timeout_s=240, progress=False)
     finally:
         stop_workers(procs)
-    assert set(found) == {r["id"] for r in rows}
-    ids = [Decision.model_validate_json(v).event_id for v in read_all(pipeline_config, Topics(pipeline_config).decisions)]
-    assert len(ids) == len(set(ids)) == 3000
+    assert_one_decision_each(pipeline_config, rows, found)
     assert "started" in (tmp_path / "tier-replica.log").read_text()

@@ -16,11 +16,11 @@ from cascade.replay.analysis import Target, TargetError, mark_pareto, parse_targ
 from cascade.replay.command import Loaded, event_rate, replay
 from cascade.replay.engine import PointResult, run_sweep
 from cascade.replay.join import MISSING, JoinedAnswers, RecordedEvent, join_answers
-from cascade.replay.sweep import Setting, SweepError, parse_sweep, parse_values
+from cascade.replay.sweep import SweepError, parse_sweep, parse_values
 from cascade.routing.cascade import Cascade
 from cascade.task import Task
 from cascade.tiers.llm import LLMError
-from tests.unit.streams import LLM, easy_and_hard, event
+from tests.unit.streams import LLM, easy_and_hard
 
 
 @pytest.fixture(autouse=True)
