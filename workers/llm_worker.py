@@ -36,6 +36,8 @@ class LLMWorker(Worker):
         self.tenant = tenant
         self.pool = ThreadPoolExecutor(config.llm.concurrency, thread_name_prefix="llm")
         self.rng = random.Random()
+        for limit in self.state.limits:
+            self.metrics.budget_limit.labels(self.role, limit.name).set(limit.limit)
         self.hold_until = 0.0
 
     def _window_left(self, window: str | None) -> float:
@@ -89,6 +91,8 @@ class LLMWorker(Worker):
             else:
                 to_call.append(i)
         takes = self.state.take_budgets([BudgetRequest(self.tenant, 1, 0, 0.0) for _ in to_call])
+        for window, left in (takes[-1].remaining if takes else {}).items():
+            self.metrics.budget_remaining.labels(self.role, window).set(left)
         allowed = []
         for i, take in zip(to_call, takes):
             if take.allowed:

@@ -24,6 +24,9 @@ class WorkerMetrics:
         self.llm_spend = Counter("cascade_llm_spend_total", "LLM spend in configured cost units", ["role"], registry=r)
         self.llm_retries = Counter("cascade_llm_retries_total", "LLM call retries", ["role"], registry=r)
         self.budget_exhausted = Counter("cascade_budget_exhausted_total", "Events refused an LLM call by budget", ["role"], registry=r)
+        self.budget_limit = Gauge("cascade_budget_limit", "Configured LLM budget per window", ["role", "window"], registry=r)
+        self.budget_remaining = Gauge("cascade_budget_remaining", "LLM budget left in the current window (last take)",
+                                      ["role", "window"], registry=r)
         self.demonstrations = Counter("cascade_demonstrations_learned_total", "Demonstrations learned", ["role"], registry=r)
         self.snapshots = Counter("cascade_snapshots_total", "Snapshots published or loaded", ["role", "name", "op"], registry=r)
         self.state_errors = Gauge("cascade_state_errors", "State-store operations failed or skipped in outages", ["role"], registry=r)

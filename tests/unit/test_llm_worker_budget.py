@@ -79,3 +79,13 @@ def test_redelivered_events_are_not_answered_twice(on_exhausted):
         assert outputs(again, "decisions") == [] and w.metrics.duplicates.labels("llm")._value.get() == 1
     finally:
         w.health.close()
+
+
+def test_budget_is_exported_as_metrics():
+    w = worker("cheap_tier")
+    try:
+        w.process([deferred(i) for i in range(3)])
+        assert w.metrics.budget_limit.labels("llm", "calls_per_hour")._value.get() == 5
+        assert w.metrics.budget_remaining.labels("llm", "calls_per_hour")._value.get() == 2
+    finally:
+        w.health.close()
