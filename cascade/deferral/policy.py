@@ -44,17 +44,24 @@ class DeferralPolicy:
         self.drifts = 0
         self.defer_cost = DeferralCost()
         self.version = 0
+        self._weights: tuple[np.ndarray, float] | None = None  # numpy copy of the model, for p_agree
+
 
     # -- deciding -------------------------------------------------------------------------
     def warm(self, tier_version: int) -> bool:
         return tier_version >= self.warmup
 
     def p_agree(self, features: np.ndarray) -> np.ndarray:
+        """river's ``predict_proba_one`` for every row at once (its per-row dicts cost more than the tier)."""
         if self.demonstrations == 0:
             return np.zeros(len(features))
-        return np.array(
-            [self.model.predict_proba_one(dict(enumerate(row))).get(True, 0.0) for row in features]
-        )
+        if self._weights is None or len(self._weights[0]) != features.shape[1]:
+            w = self.model.weights
+            self._weights = (np.array([w.get(i, 0.0) for i in range(features.shape[1])]), float(self.model.intercept))
+        weights, intercept = self._weights
+        z = features @ weights + intercept
+        p = 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
+        return np.where(z < -30.0, 0.0, np.where(z > 30.0, 1.0, p))  # river's sigmoid saturates at ±30
 
     def threshold(self, mu: float, override: float | None = None) -> float:
         """Largest expected disagreement (1 - p) at which the tier still answers."""
@@ -84,6 +91,7 @@ class DeferralPolicy:
                 self.since_drift += 1
             self.demonstrations += 1
         self.version = self.demonstrations
+        self._weights = None
 
     @property
     def agreement(self) -> float:
@@ -109,3 +117,4 @@ class DeferralPolicy:
         for key, value in state.items():
             setattr(self, key, value)
         self.version = version
+        self._weights = None
