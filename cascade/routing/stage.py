@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from enum import Enum
 from typing import Any, Sequence
 
@@ -26,8 +27,28 @@ class Routed:
     action: Action
     label: str
     confidence: float
-    output: TierOutput
-    tier_input: Any  # the tier's prepared input, reused by the learner in-process
+    inputs: Sequence[Any]  # the tier's prepared batch; this event's is ``tier_input``
+    index: int
+    tier: str
+    version: int
+    probs: np.ndarray
+    policy_features: np.ndarray
+    p_agree: float | None
+
+    @property
+    def tier_input(self) -> Any:
+        """The tier's prepared input of this event, reused by the learner in-process."""
+        return self.inputs[self.index]
+
+    @cached_property
+    def output(self) -> TierOutput:
+        """What the tier said, as carried up the cascade; built on demand, since a serving
+        worker needs it only for the events it passes up."""
+        return TierOutput(
+            tier=self.tier, version=self.version, probs=self.probs.tolist(),
+            policy_features=self.policy_features.tolist(), p_agree=self.p_agree,
+            explored=self.action is Action.EXPLORE,
+        )
 
 
 class RoutingStats:
@@ -93,23 +114,18 @@ class Stage:
         explore = self.policy.exploration() * self.params.exploration_scale
         best = probs.argmax(axis=1)
         risk = (1.0 - p) * self.miss_weight(probs, best)
+        accept = (risk <= threshold).tolist() if warm else [False] * len(events)
+        confidence = probs[np.arange(len(events)), best].tolist()
+        p_list = p.tolist()
+        labels = self.tier.labels
+        name, version = self.tier.name, self.tier.version
         out = []
-        for i in range(len(events)):
-            accept = warm and risk[i] <= threshold
-            if accept and self.rng.random() < explore:
+        for i, (ok, label_index, p_i) in enumerate(zip(accept, best.tolist(), p_list)):
+            if ok and self.rng.random() < explore:
                 action = Action.EXPLORE
             else:
-                action = Action.ANSWER if accept else Action.DEFER
-            self.stats.update(action is Action.ANSWER, float(p[i]))
-            # Built without validation: every field comes from this code, typed, on the hot path.
-            output = TierOutput.model_construct(
-                tier=self.tier.name,
-                version=self.tier.version,
-                probs=probs[i].tolist(),
-                policy_features=feats[i].tolist(),
-                p_agree=float(p[i]) if warm else None,
-                explored=action is Action.EXPLORE,
-            )
-            label = self.tier.labels[best[i]]
-            out.append(Routed(action, label, float(probs[i, best[i]]), output, inputs[i]))
+                action = Action.ANSWER if ok else Action.DEFER
+            self.stats.update(action is Action.ANSWER, p_i)
+            out.append(Routed(action, labels[label_index], confidence[i], inputs, i, name, version, probs[i], feats[i],
+                              p_i if warm else None))
         return out
