@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import zlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 
 from cascade.config import FeatureConfig
 
@@ -13,18 +17,61 @@ _TOKEN = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?|\d+|[!?]", re.UNICODE)
 SparseVector = dict[int, float]
 _MAX_REMEMBERED = 500_000
 _MIX = 0x9E3779B1  # odd 32-bit multiplier (golden ratio) that spreads a word hash before the next is mixed in
+_LOW32 = 0xFFFFFFFF
+
+
+class SparseRows:
+    """A batch of sparse rows in CSR form: row i holds ``buckets[indptr[i]:indptr[i+1]]`` with
+    ``values`` alike. Scoring reads the arrays; river, which learns from dicts, gets a row as a dict."""
+
+    def __init__(self, indptr: np.ndarray, buckets: np.ndarray, values: np.ndarray) -> None:
+        self.indptr = indptr
+        self.buckets = buckets
+        self.values = values
+
+    @classmethod
+    def from_dicts(cls, rows: Sequence[SparseVector]) -> SparseRows:
+        if isinstance(rows, SparseRows):
+            return rows
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in rows], out=indptr[1:])
+        total = int(indptr[-1])
+        buckets = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=total)
+        values = np.fromiter(itertools.chain.from_iterable(x.values() for x in rows), dtype=np.float64, count=total)
+        return cls(indptr, buckets, values)
+
+    def with_constant(self, bucket: int, value: float = 1.0) -> SparseRows:
+        """Every row plus one more entry (an intercept's bucket), appended at its end."""
+        ends = self.indptr[1:]
+        return SparseRows(
+            self.indptr + np.arange(len(self.indptr)),
+            np.insert(self.buckets, ends, bucket),
+            np.insert(self.values, ends, value),
+        )
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def __getitem__(self, i: int) -> SparseVector:
+        start, end = self.indptr[i], self.indptr[i + 1]
+        return dict(zip(self.buckets[start:end].tolist(), self.values[start:end].tolist()))
+
+    def __iter__(self) -> Iterator[SparseVector]:
+        return (self[i] for i in range(len(self)))
 
 
 class HashedNgrams:
     """Text → {hash bucket: weight}, L2-normalised binary n-gram presence.
 
     crc32 rather than ``hash()`` so that buckets are the same in every process
-    (workers, learner, replays) regardless of PYTHONHASHSEED.
+    (workers, learner, replays) regardless of PYTHONHASHSEED. An n-gram's hash is mixed from
+    its words' hashes, so no n-gram strings are built or hashed. One text at a time
+    (:meth:`transform`, in-process online learning) runs in plain Python; a worker's batches
+    (:meth:`transform_batch`) run in numpy, where per-call overhead pays off.
     """
 
     def __init__(self, config: FeatureConfig) -> None:
         self.config = config
-        self._mask = config.n_features - 1 if config.n_features & (config.n_features - 1) == 0 else None
         self._n = config.n_features
         # Words are Zipf-distributed: remembering their hashes skips most of the hashing.
         self._hashes: dict[str, int] = {}
@@ -40,23 +87,56 @@ class HashedNgrams:
             h = self._hashes[gram] = zlib.crc32(gram.encode("utf-8"))
         return h
 
+    def _char_keys(self, words: list[str]) -> set[int]:
+        if self.config.char_ngrams is None:
+            return set()
+        lo, hi = self.config.char_ngrams
+        keys = set()
+        for w in set(words):
+            padded = f"<{w}>"
+            keys.update(self._hash("#" + padded[i : i + n]) for n in range(lo, hi + 1) for i in range(len(padded) - n + 1))
+        return keys
+
     def transform(self, text: str) -> SparseVector:
         words = self.tokens(text)
         hashes = [self._hash(w) for w in words]
         keys = set(hashes)
-        # An n-gram's hash is mixed from its words' hashes: no n-gram strings are built or hashed.
         run = hashes
         for _ in range(2, self.config.ngram_max + 1):
-            run = [((a * _MIX) ^ b) & 0xFFFFFFFF for a, b in zip(run, hashes[len(hashes) - len(run) + 1 :])]
+            run = [((a * _MIX) ^ b) & _LOW32 for a, b in zip(run, hashes[len(hashes) - len(run) + 1 :])]
             keys.update(run)
-        if self.config.char_ngrams is not None:
-            lo, hi = self.config.char_ngrams
-            for w in set(words):
-                padded = f"<{w}>"
-                keys.update(
-                    self._hash("#" + padded[i : i + n]) for n in range(lo, hi + 1) for i in range(len(padded) - n + 1)
-                )
+        keys |= self._char_keys(words)
         if not keys:
             return {}
-        buckets = {k & self._mask for k in keys} if self._mask is not None else {k % self._n for k in keys}
+        buckets = {k % self._n for k in keys}
         return dict.fromkeys(buckets, 1.0 / math.sqrt(len(buckets)))
+
+    def transform_batch(self, texts: Sequence[str]) -> SparseRows:
+        """:meth:`transform` of every text, as one CSR batch (same buckets and values)."""
+        words = [self.tokens(t) for t in texts]
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        hashes = np.fromiter(map(self._hash, itertools.chain.from_iterable(words)), dtype=np.uint64, count=int(lengths.sum()))
+        doc = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
+        keys, docs = [hashes], [doc]
+        run = hashes
+        for n in range(2, self.config.ngram_max + 1):
+            # run[i]: the n-gram starting at word i, over the whole batch; those that run into
+            # the next text are dropped.
+            run = ((run[:-1] * np.uint64(_MIX)) ^ hashes[n - 1 :]) & np.uint64(_LOW32)
+            starts = doc[: len(run)]
+            inside = starts == doc[n - 1 :]
+            keys.append(run[inside])
+            docs.append(starts[inside])
+        if self.config.char_ngrams is not None:
+            for i, ws in enumerate(words):
+                extra = np.fromiter(self._char_keys(ws), dtype=np.uint64)
+                keys.append(extra)
+                docs.append(np.full(len(extra), i, dtype=np.int64))
+        buckets = np.concatenate(keys) % np.uint64(self._n)
+        # One sort of (text, bucket) pairs dedups each text's buckets and groups them by text.
+        pairs = np.unique(np.concatenate(docs) * self._n + buckets.astype(np.int64))
+        row, bucket = np.divmod(pairs, self._n)
+        counts = np.bincount(row, minlength=len(texts))
+        indptr = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return SparseRows(indptr, bucket, 1.0 / np.sqrt(counts[row]))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Sequence
 
 import numpy as np
@@ -10,7 +9,7 @@ from river import linear_model, optim
 from scipy import sparse
 
 from cascade.config import FeatureConfig, TierConfig
-from cascade.features import HashedNgrams, SparseVector
+from cascade.features import HashedNgrams, SparseRows, SparseVector
 from cascade.messages import Event
 from cascade.tiers.base import Tier
 
@@ -18,7 +17,8 @@ _BIAS = -1  # a bucket no hash produces: river's softmax regression has no inter
 # River's pure-Python dot products cost ~150 µs an event, which would cap a tier worker far below
 # the broker, so batches are scored with a compiled numpy copy of the weights: once a batch is
 # this large, or once the model has not changed since the last batch (a serving tier worker).
-# In-process learning after every demonstration keeps using river directly.
+# Batches this large are also featurised in numpy. In-process learning after every
+# demonstration keeps using river and plain Python directly.
 _COMPILE_FROM = 32
 
 
@@ -44,12 +44,8 @@ class CompiledWeights:
         self.unseen = np.array([label not in model.weights for label in labels])
 
     def predict_proba(self, inputs: Sequence[SparseVector]) -> np.ndarray:
-        indptr = np.zeros(len(inputs) + 1, dtype=np.int64)
-        np.cumsum([len(x) for x in inputs], out=indptr[1:])
-        total = int(indptr[-1])
-        buckets = np.fromiter(itertools.chain.from_iterable(inputs), dtype=np.int64, count=total)
-        values = np.fromiter(itertools.chain.from_iterable(x.values() for x in inputs), dtype=np.float64, count=total)
-        x = sparse.csr_matrix((values, self.row_of[buckets], indptr), shape=(len(inputs), len(self.W)))
+        rows = SparseRows.from_dicts(inputs)
+        x = sparse.csr_matrix((rows.values, self.row_of[rows.buckets], rows.indptr), shape=(len(rows), len(self.W)))
         logits = np.asarray(x @ self.W)
         logits[:, self.unseen] = -np.inf
         logits -= logits.max(axis=1, keepdims=True)
@@ -69,7 +65,9 @@ class LogisticTier(Tier):
         self._compiled: CompiledWeights | None = None
         self._last_version = -1  # the version the previous predict_proba saw
 
-    def prepare(self, events: Sequence[Event]) -> list[SparseVector]:
+    def prepare(self, events: Sequence[Event]) -> Sequence[SparseVector]:
+        if len(events) >= _COMPILE_FROM:
+            return self.featurizer.transform_batch([e.text for e in events]).with_constant(_BIAS)
         out = []
         for e in events:
             x = self.featurizer.transform(e.text)

@@ -123,6 +123,23 @@ def test_hashed_features_are_stable_across_instances():
     assert sum(v * v for v in a.transform(text).values()) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("features", [
+    {}, {"ngram_max": 1}, {"ngram_max": 4, "n_features": 1000}, {"ngram_max": 3, "char_ngrams": (2, 4)},
+])
+def test_batch_features_equal_one_text_at_a_time(features):
+    """The numpy batch path of a tier worker and the plain-Python path of in-process learning must
+    give the same buckets and weights, or a model learned by one would be served by the other wrongly."""
+    config = make_config().features.model_copy(update=features)
+    rng = random.Random(5)
+    texts = [e.text for e, _ in easy_and_hard(200, seed=4)]
+    texts += ["", "!!", "one", "two words", "Ünïcödé WÖRDS, 123 and it's ok?", "x " * 7]
+    rng.shuffle(texts)  # empty and one-word texts between others: no n-gram may span two texts
+    featurizer = HashedNgrams(config)
+    batch = featurizer.transform_batch(texts)
+    assert len(batch) == len(texts)
+    assert [batch[i] for i in range(len(texts))] == [featurizer.transform(t) for t in texts]
+
+
 def test_retries_back_off_then_give_up():
     calls, sleeps = [], []
 

@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 
@@ -51,7 +53,7 @@ def test_compiled_batch_scoring_equals_river(trained):
 
     tier = trained.stages[0].tier
     events = [e for e, _ in easy_and_hard(_COMPILE_FROM * 3, seed=13)]
-    inputs = tier.prepare(events)
+    inputs = list(tier.prepare(events))  # the batch's rows, as river reads them
     learned = set().union(*(w.keys() for w in tier.model.weights.values()))
     unlearned = next(b for b in range(2**16) if b not in learned)
     inputs.append({unlearned: 1.0, -1: 1.0})  # no known feature but the bias: still a distribution
@@ -61,3 +63,19 @@ def test_compiled_batch_scoring_equals_river(trained):
     river = np.vstack([tier.predict_proba([x]) for x in inputs])
     assert np.allclose(batch, river, atol=1e-12) and np.allclose(one_by_one, river, atol=1e-12)
     assert np.allclose(batch.sum(axis=1), 1.0)
+
+
+def test_policy_batch_p_agree_equals_river(trained):
+    policy = copy.deepcopy(trained.stages[0].policy)  # it learns below; the fixture is shared
+    rng = np.random.default_rng(1)
+    features = rng.normal(0, 3, (40, 12))
+    features[0] = 1e3  # far past the logistic's saturation: river answers exactly 0 or 1 there
+    features[1] = -1e3
+
+    def river() -> np.ndarray:
+        return np.array([policy.model.predict_proba_one(dict(enumerate(row)))[True] for row in features])
+
+    assert np.allclose(policy.p_agree(features), river(), atol=1e-12)
+    policy.learn(features[:5], [True, False, True, True, False])  # the numpy copy must follow learning
+    assert np.allclose(policy.p_agree(features), river(), atol=1e-12)
+    assert sorted(policy.p_agree(features[:2]).tolist()) == [0.0, 1.0]
