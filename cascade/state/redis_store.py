@@ -116,6 +116,7 @@ class RedisState(StateStore):
         self._publish_script = self.client.register_script(lua.PUBLISH)
         self._rollback_script = self.client.register_script(lua.ROLLBACK)
         self._fetch_script = self.client.register_script(lua.FETCH)
+        self._claim_script = self.client.register_script(lua.CLAIM)
         self._backoff = _Backoff(backoff_base_s, backoff_cap_s)
         self._listeners: list[VersionCallback] = []
         self._sub_lock = threading.Lock()
@@ -340,10 +341,7 @@ class RedisState(StateStore):
         px = max(1, int(ttl_s * 1000))
 
         def claim() -> list[bool]:
-            pipe = self.client.pipeline(transaction=False)
-            for i in ids:
-                pipe.set(self.keys.event + i, b"1", nx=True, px=px)
-            return [bool(r) for r in pipe.execute()]
+            return [r == 1 for r in self._claim_script(keys=[self.keys.event + i for i in ids], args=[px])]
 
         # Unreachable: every event counts as new, so workers keep answering (a redelivery
         # during an outage may be answered twice).
