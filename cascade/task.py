@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from typing import Any
+
+import pydantic_core
 
 from cascade.config import TaskConfig
 from cascade.messages import Event
@@ -58,8 +59,10 @@ class Task:
             if max_bytes is not None and size > max_bytes:
                 raise InvalidEvent("too_large", f"{size} bytes > limit {max_bytes}")
             try:
-                payload = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                # pydantic's Rust parser: a quarter of json.loads' time. Stricter, too: UTF-8 only,
+                # and no lone surrogates, which could not be written out again.
+                payload = pydantic_core.from_json(raw)
+            except ValueError as e:
                 raise InvalidEvent("invalid_json", str(e)) from e
         else:
             payload = raw
