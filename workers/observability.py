@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from cascade.logging import get_logger
+from workers.kafka_io import LagProbe
+
+log = get_logger("cascade.worker")
 
 
 class WorkerMetrics:
@@ -84,3 +90,36 @@ class HealthServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class LagSampler:
+    """Sets the consumer-lag gauge every ``every_s`` seconds from a thread of its own.
+
+    Reading the lag takes several broker round trips (a ~100 ms fetch among them); in the
+    consume loop that stalled every batch behind it.
+    """
+
+    def __init__(self, metrics: WorkerMetrics, bootstrap: str, group: str, topics: Sequence[str], every_s: float = 10.0) -> None:
+        self.metrics = metrics
+        self.group = group
+        self.topics = list(topics)
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._probe = LagProbe(bootstrap)  # the thread's own: a probe is not thread-safe
+        self._thread = threading.Thread(target=self._run, name="lag-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                lag = sum(self._probe.lag(self.group, self.topics).values())
+                self.metrics.lag.labels(self.metrics.role).set(lag)
+            except Exception as e:  # lag is for dashboards; never stop for it
+                log.warning("lag_probe_failed", error=str(e))
+            if self._stop.wait(self.every_s):
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._probe.timeout_s + 5.0)
+        self._probe.close()

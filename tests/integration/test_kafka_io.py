@@ -23,6 +23,7 @@ from workers.kafka_io import (
     topic_partitions,
 )
 from kafka.structs import TopicPartition
+from workers.observability import LagSampler, WorkerMetrics
 
 pytestmark = pytest.mark.integration
 
@@ -122,6 +123,27 @@ def test_lag_of_group_that_never_committed(kafka_bootstrap: str) -> None:
         producer.close()
     lag = consumer_lag(kafka_bootstrap, _name("nobody"), [topic])
     assert sum(lag.values()) == 8 and lag[TopicPartition(topic, 1)] >= 1
+
+    # A worker's sampler thread exports the same lag as its gauge, and keeps it current.
+    metrics = WorkerMetrics("tier-test")
+    sampler = LagSampler(metrics, kafka_bootstrap, _name("nobody"), [topic], every_s=0.2)
+    deadline = time.monotonic() + 15
+
+    def exported(value: int) -> bool:
+        while metrics.registry.get_sample_value("cascade_consumer_lag", {"role": "tier-test"}) != value:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    producer = make_producer(cfg)
+    try:
+        assert exported(8)
+        produce_and_flush(producer, [(topic, None, b"z")] * 3)
+        assert exported(11)
+    finally:
+        sampler.close()
+        producer.close()
 
 
 def test_produce_and_flush_raises_instead_of_losing_records(kafka_bootstrap: str) -> None:
