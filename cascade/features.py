@@ -6,7 +6,7 @@ import itertools
 import math
 import re
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -79,27 +79,29 @@ class HashedNgrams:
     def tokens(self, text: str) -> list[str]:
         return _TOKEN.findall(text.lower() if self.config.lowercase else text)
 
-    def _hash(self, gram: str) -> int:
-        h = self._hashes.get(gram)
-        if h is None:
-            if len(self._hashes) > _MAX_REMEMBERED:
+    def _remember(self, grams: Iterable[str]) -> Callable[[str], int | None]:
+        """Hash the grams not remembered yet; returns the lookup of every remembered hash."""
+        new = set(grams).difference(self._hashes)  # set operations in C: most words are known
+        if new:
+            if len(self._hashes) + len(new) > _MAX_REMEMBERED:
                 self._hashes.clear()
-            h = self._hashes[gram] = zlib.crc32(gram.encode("utf-8"))
-        return h
+                new = set(grams)
+            self._hashes.update((g, zlib.crc32(g.encode("utf-8"))) for g in new)
+        return self._hashes.get
 
     def _char_keys(self, words: list[str]) -> set[int]:
         if self.config.char_ngrams is None:
             return set()
         lo, hi = self.config.char_ngrams
-        keys = set()
+        grams = set()
         for w in set(words):
             padded = f"<{w}>"
-            keys.update(self._hash("#" + padded[i : i + n]) for n in range(lo, hi + 1) for i in range(len(padded) - n + 1))
-        return keys
+            grams.update("#" + padded[i : i + n] for n in range(lo, hi + 1) for i in range(len(padded) - n + 1))
+        return set(map(self._remember(grams), grams))
 
     def transform(self, text: str) -> SparseVector:
         words = self.tokens(text)
-        hashes = [self._hash(w) for w in words]
+        hashes = list(map(self._remember(words), words))
         keys = set(hashes)
         run = hashes
         for _ in range(2, self.config.ngram_max + 1):
@@ -115,7 +117,8 @@ class HashedNgrams:
         """:meth:`transform` of every text, as one CSR batch (same buckets and values)."""
         words = [self.tokens(t) for t in texts]
         lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        hashes = np.fromiter(map(self._hash, itertools.chain.from_iterable(words)), dtype=np.uint64, count=int(lengths.sum()))
+        flat = list(itertools.chain.from_iterable(words))
+        hashes = np.fromiter(map(self._remember(flat), flat), dtype=np.uint64, count=len(flat))
         doc = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
         keys, docs = [hashes], [doc]
         run = hashes
