@@ -137,7 +137,9 @@ class HashedNgrams:
                 docs.append(np.full(len(extra), i, dtype=np.int64))
         buckets = np.concatenate(keys) % np.uint64(self._n)
         # One sort of (text, bucket) pairs dedups each text's buckets and groups them by text.
-        pairs = np.unique(np.concatenate(docs) * self._n + buckets.astype(np.int64))
+        # (By hand: numpy 2's np.unique took 20 times as long on these.)
+        pairs = np.sort(np.concatenate(docs) * self._n + buckets.astype(np.int64))
+        pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))] if len(pairs) else pairs
         row, bucket = np.divmod(pairs, self._n)
         counts = np.bincount(row, minlength=len(texts))
         indptr = np.zeros(len(texts) + 1, dtype=np.int64)

@@ -138,6 +138,7 @@ def test_batch_features_equal_one_text_at_a_time(features):
     batch = featurizer.transform_batch(texts)
     assert len(batch) == len(texts)
     assert [batch[i] for i in range(len(texts))] == [featurizer.transform(t) for t in texts]
+    assert list(featurizer.transform_batch(["", "..."])) == [{}, {}] and len(featurizer.transform_batch([])) == 0
 
 
 def test_retries_back_off_then_give_up():
