@@ -24,9 +24,9 @@ class InvalidEvent(ValueError):
 _PUNCT_EDGES = re.compile(r"^[\W_]+|[\W_]+$")
 
 
-def _get_path(payload: Any, path: str) -> Any:
+def _get_path(payload: Any, path: tuple[str, ...]) -> Any:
     node = payload
-    for part in path.split("."):
+    for part in path:
         if not isinstance(node, dict) or part not in node:
             return None
         node = node[part]
@@ -41,6 +41,8 @@ class Task:
         self.index: dict[str, int] = {label: i for i, label in enumerate(self.labels)}
         self._lookup: dict[str, str] = {self._norm(label): label for label in self.labels}
         self._lookup.update({self._norm(k): v for k, v in config.label_aliases.items()})
+        self._text_path = tuple(config.text_field.split("."))
+        self._id_path = tuple(config.id_field.split("."))
 
     @staticmethod
     def _norm(s: str) -> str:
@@ -68,12 +70,12 @@ class Task:
             payload = raw
         if not isinstance(payload, dict):
             raise InvalidEvent("not_an_object", f"event JSON is a {type(payload).__name__}")
-        text = _get_path(payload, self.config.text_field)
+        text = _get_path(payload, self._text_path)
         if not isinstance(text, str) or not text.strip():
             raise InvalidEvent("missing_text", f"no non-empty string at '{self.config.text_field}'")
         if len(text) > self.config.max_text_chars:
             raise InvalidEvent("too_large", f"text of {len(text)} chars > {self.config.max_text_chars}")
-        event_id = _get_path(payload, self.config.id_field)
+        event_id = _get_path(payload, self._id_path)
         if event_id is None or isinstance(event_id, (dict, list)) or str(event_id) == "":
             raise InvalidEvent("missing_id", f"no scalar id at '{self.config.id_field}'")
         return Event(id=str(event_id), text=text, payload=payload)
