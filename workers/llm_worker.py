@@ -15,7 +15,7 @@ from cascade.logging import get_logger
 from cascade.messages import Decision, Deferred, Demonstration, LLMAnswer
 from cascade.routing.cascade import fallback_decision
 from cascade.state import BudgetRequest, cacheable
-from cascade.state.keys import cache_key
+from cascade.state.keys import cache_keys
 from cascade.task import Task
 from cascade.tiers.llm import CIRCUIT_OPEN, LLMError, call_with_retries, make_backend
 from workers.kafka_io import OutRecord
@@ -80,7 +80,7 @@ class LLMWorker(Worker):
         ids = list(items)
         fresh = self.undecided(ids)
         self.metrics.duplicates.labels(self.role).inc(len(records) - len(fresh))
-        keys = {i: cache_key(self.task.name, self.task.labels, items[i][1].event.text) for i in fresh}
+        keys = dict(zip(fresh, cache_keys(self.task.name, self.task.labels, [items[i][1].event.text for i in fresh])))
         decided: list[Decision] = []
         demos: list[Demonstration] = []
         to_call: list[str] = []

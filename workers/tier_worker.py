@@ -15,7 +15,7 @@ from cascade.messages import Decision, Deferred, RoutingSnapshot
 from cascade.routing.cascade import build_stage, deferral_costs
 from cascade.routing.stage import Action, Stage
 from cascade.state.base import StateStore
-from cascade.state.keys import cache_key
+from cascade.state.keys import cache_keys
 from cascade.task import InvalidEvent, Task
 from workers.kafka_io import OutRecord
 from workers.loop import BatchResult, Worker, dead_letter
@@ -136,7 +136,7 @@ class TierWorker(Worker):
         decided: list[Decision] = []
         todo: list[Deferred] = []
         if self.first and fresh:
-            keys = [cache_key(self.task.name, self.task.labels, items[i].event.text) for i in fresh]
+            keys = cache_keys(self.task.name, self.task.labels, [items[i].event.text for i in fresh])
             for i, hit in zip(fresh, self.state.get_decisions(keys, fresh)):
                 if hit is not None:
                     decided.append(hit)
@@ -177,10 +177,9 @@ class TierWorker(Worker):
         )
         self.record_decided(res, [d.event_id for d in decided])
         if decided and self.config.state.cache_cheap_answers:
-            res.after_produce.append(lambda: self.state.put_decisions(
-                (cache_key(self.task.name, self.task.labels, items[d.event_id].event.text), d)
-                for d in decided if d.reason == "tier"
-            ))
+            answered = [d for d in decided if d.reason == "tier"]
+            answered_keys = cache_keys(self.task.name, self.task.labels, [items[d.event_id].event.text for d in answered])
+            res.after_produce.append(lambda: self.state.put_decisions(zip(answered_keys, answered)))
         return res
 
 

@@ -147,10 +147,10 @@ class JoinedAnswers(RecordedAnswers):
 
 def state_cache_lookup(state: "StateStore", task: Task) -> CacheLookup:
     """Recorded LLM answers from the decision cache: entries the LLM answered, by ``cache_key``."""
-    from cascade.state.keys import cache_key
+    from cascade.state.keys import cache_keys
 
     def look(events: Sequence[Event]) -> list[str | None | _Missing]:
-        keys = [cache_key(task.name, task.labels, e.text) for e in events]
+        keys = cache_keys(task.name, task.labels, [e.text for e in events])
         return [
             d.label if d is not None and d.tier == "llm" and d.label is not None else MISSING
             for d in state.get_decisions(keys)

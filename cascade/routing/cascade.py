@@ -12,7 +12,7 @@ from cascade.learning.learner import Learner
 from cascade.messages import Decision, Demonstration, Event, LiveParams, RoutingSnapshot, TierOutput
 from cascade.routing.stage import Action, Stage
 from cascade.state import BudgetRequest, StateStore, cacheable, make_state
-from cascade.state.keys import cache_key
+from cascade.state.keys import cache_keys
 from cascade.task import Task
 from cascade.tiers.base import Tier
 from cascade.tiers.llm import LLMBackend, call_with_retries, make_backend
@@ -123,7 +123,7 @@ class Cascade:
         decisions: list[Decision | None] = [None] * n
         explored = [False] * n
         versions = self.model_versions()
-        keys = [cache_key(self.task.name, self.task.labels, e.text) for e in events]
+        keys = cache_keys(self.task.name, self.task.labels, [e.text for e in events])
         pending = []
         for i, hit in enumerate(self.state.get_decisions(keys, [e.id for e in events])):
             if hit is not None:  # answered before any tier runs

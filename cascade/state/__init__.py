@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from cascade.config import CascadeConfig
 from cascade.state.base import StateStore, StateUnavailable
-from cascade.state.keys import cache_key, normalize_text
+from cascade.state.keys import cache_key, cache_keys, normalize_text
 from cascade.state.memory import MemoryState
 from cascade.state.records import (
     UNREACHABLE,
@@ -36,6 +36,7 @@ __all__ = [
     "StateStore",
     "StateUnavailable",
     "cache_key",
+    "cache_keys",
     "cacheable",
     "limits_from_config",
     "make_state",

@@ -17,11 +17,20 @@ def normalize_text(text: str) -> str:
 
 def cache_key(task_name: str, labels: Iterable[str], text: str) -> str:
     """A hash of the task, the label set (order-free) and the normalised text."""
-    h = hashlib.blake2b(digest_size=16)
+    return cache_keys(task_name, labels, [text])[0]
+
+
+def cache_keys(task_name: str, labels: Iterable[str], texts: Iterable[str]) -> list[str]:
+    """:func:`cache_key` of each text; the task and label part is hashed once."""
+    base = hashlib.blake2b(digest_size=16)
     # \x1f/\x1e separators: no label or task name can make two different inputs collide.
-    parts = [CACHE_KEY_VERSION, task_name, "\x1e".join(sorted(labels)), normalize_text(text)]
-    h.update("\x1f".join(parts).encode("utf-8", "surrogatepass"))
-    return h.hexdigest()
+    base.update("\x1f".join([CACHE_KEY_VERSION, task_name, "\x1e".join(sorted(labels)), ""]).encode("utf-8"))
+    keys = []
+    for text in texts:
+        h = base.copy()
+        h.update(normalize_text(text).encode("utf-8", "surrogatepass"))
+        keys.append(h.hexdigest())
+    return keys
 
 
 class KeySpace:

@@ -11,6 +11,7 @@ from cascade.state import (
     BudgetRequest,
     MemoryState,
     cache_key,
+    cache_keys,
     limits_from_config,
     make_state,
     normalize_text,
@@ -48,6 +49,10 @@ def test_cache_key_identity() -> None:
     assert k != cache_key("isear", ["joy", "fear"], "I was sad")
     # Separators keep (task, labels) boundaries apart.
     assert cache_key("a", ["b c"], "t") != cache_key("a", ["b", "c"], "t")
+    # Pinned: a change would orphan every cached decision; bump CACHE_KEY_VERSION instead.
+    assert k == "86fbb5670b31c17236849f24dbd2d65f"
+    texts = ["I was  Happy", "I was sad", "", "x\ud800y"]
+    assert cache_keys("isear", ["joy", "fear"], texts) == [cache_key("isear", ["joy", "fear"], t) for t in texts]
 
 
 def test_cache_hit_answers_as_cache_for_the_new_event(clock: Clock) -> None:
