@@ -176,7 +176,6 @@ class KafkaConfig(_Section):
     session_timeout_ms: int = Field(6000, gt=0)
     heartbeat_interval_ms: int = Field(1000, gt=0)
     max_poll_records: int = Field(256, gt=0)
-    batch_size: int = Field(64, gt=0, description="events per model batch in a tier worker")
     max_event_bytes: int = Field(100_000, gt=0)
 
     @model_validator(mode="after")
