@@ -78,13 +78,13 @@ class LLMWorker(Worker):
                 continue
             items.setdefault(d.event.id, (rec, d))
         ids = list(items)
-        fresh = self.undecided(ids)
+        keys = dict(zip(ids, cache_keys(self.task.name, self.task.labels, [items[i][1].event.text for i in ids])))
+        fresh = self.undecided_with_cache(ids, list(keys.values()))
         self.metrics.duplicates.labels(self.role).inc(len(records) - len(fresh))
-        keys = dict(zip(fresh, cache_keys(self.task.name, self.task.labels, [items[i][1].event.text for i in fresh])))
         decided: list[Decision] = []
         demos: list[Demonstration] = []
         to_call: list[str] = []
-        for i, hit in zip(fresh, self.state.get_decisions([keys[i] for i in fresh], fresh)):
+        for i, hit in fresh:
             if hit is not None:
                 decided.append(hit)
                 self.metrics.cache_hits.labels(self.role).inc()

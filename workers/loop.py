@@ -22,7 +22,7 @@ from kafka.structs import TopicPartition
 
 from cascade.config import CascadeConfig
 from cascade.logging import get_logger
-from cascade.messages import DeadLetter
+from cascade.messages import DeadLetter, Decision
 from cascade.state import make_state
 from workers.kafka_io import (
     OutRecord,
@@ -78,7 +78,16 @@ class Worker:
 
     def undecided(self, ids: Sequence[str]) -> list[str]:
         """The ids with no decision yet: neither recorded in the state store nor in flight."""
-        return [i for i, done in zip(ids, self.state.seen(ids)) if not done and i not in self._deciding]
+        return self._fresh(ids, self.state.seen(ids))
+
+    def undecided_with_cache(self, ids: Sequence[str], cache_keys: Sequence[str]) -> list[tuple[str, Decision | None]]:
+        """:meth:`undecided`, each with its cached decision if any (one state-store round trip)."""
+        seen, cached = self.state.seen_and_decisions(ids, cache_keys)
+        hits = dict(zip(ids, cached))
+        return [(i, hits[i]) for i in self._fresh(ids, seen)]
+
+    def _fresh(self, ids: Sequence[str], seen: Sequence[bool]) -> list[str]:
+        return [i for i, done in zip(ids, seen) if not done and i not in self._deciding]
 
     def record_decided(self, result: BatchResult, ids: Sequence[str]) -> None:
         """Once ``result`` is acknowledged, record ``ids`` as decided (the idempotency record)."""

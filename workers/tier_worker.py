@@ -131,20 +131,14 @@ class TierWorker(Worker):
             elif d is not None:
                 self.metrics.duplicates.labels(self.role).inc()
         ids = list(items)
-        fresh = self.undecided(ids)
-        self.metrics.duplicates.labels(self.role).inc(len(ids) - len(fresh))
-        decided: list[Decision] = []
-        todo: list[Deferred] = []
-        if self.first and fresh:
-            keys = cache_keys(self.task.name, self.task.labels, [items[i].event.text for i in fresh])
-            for i, hit in zip(fresh, self.state.get_decisions(keys, fresh)):
-                if hit is not None:
-                    decided.append(hit)
-                else:
-                    todo.append(items[i])
-            self.metrics.cache_hits.labels(self.role).inc(len(fresh) - len(todo))
+        if self.first:  # the cache answers before any tier runs; events passed up were looked up there already
+            fresh = self.undecided_with_cache(ids, cache_keys(self.task.name, self.task.labels, [items[i].event.text for i in ids]))
         else:
-            todo = [items[i] for i in fresh]
+            fresh = [(i, None) for i in self.undecided(ids)]
+        self.metrics.duplicates.labels(self.role).inc(len(ids) - len(fresh))
+        decided: list[Decision] = [hit for _, hit in fresh if hit is not None]
+        todo = [items[i] for i, hit in fresh if hit is None]
+        self.metrics.cache_hits.labels(self.role).inc(len(decided))
         tier = self.stage.tier
         deferred: Counter[tuple[str, bool]] = Counter()
         latency = self.metrics.event_latency.labels(self.role)

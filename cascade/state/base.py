@@ -62,13 +62,28 @@ class StateStore(ABC):
             raise ValueError("keys and event_ids differ in length")
         if not keys:
             return []
-        records = self._get_cached(keys)
+        return self._answers(self._get_cached(keys), event_ids)
+
+    def seen_and_decisions(self, ids: Sequence[str], keys: Sequence[str]) -> tuple[list[bool], list[Decision | None]]:
+        """``seen(ids)`` and ``get_decisions(keys, ids)`` together: one round trip to a remote store."""
+        if len(ids) != len(keys):
+            raise ValueError("ids and keys differ in length")
+        if not ids:
+            return [], []
+        seen, records = self._seen_and_cached(ids, keys)
+        return seen, self._answers(records, ids)
+
+    def _answers(self, records: Sequence[CachedDecision | None], event_ids: Sequence[str] | None) -> list[Decision | None]:
         hits = sum(r is not None for r in records)
-        self._count(self.stats, cache_hits=hits, cache_misses=len(keys) - hits)
+        self._count(self.stats, cache_hits=hits, cache_misses=len(records) - hits)
         return [
             None if r is None else r.answer(event_ids[i] if event_ids is not None else None)
             for i, r in enumerate(records)
         ]
+
+    def _seen_and_cached(self, ids: Sequence[str], keys: Sequence[str]) -> tuple[list[bool], list[CachedDecision | None]]:
+        """Stores that can pipeline both reads override this."""
+        return self.seen(ids), self._get_cached(keys)
 
     def put_decisions(self, items: Iterable[tuple[str, Decision]], ttl_s: float | None = None) -> int:
         """Cache the cacheable decisions (see ``records.cacheable``); returns how many were written."""

@@ -39,8 +39,8 @@ log = get_logger("cascade.state.redis")
 
 T = TypeVar("T")
 _DOWN_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
-_RAISE: Any = object()
-_TAKES = TypeAdapter(list[BudgetTake])  # fallback marker: raise StateUnavailable instead of degrading
+_RAISE: Any = object()  # fallback marker: raise StateUnavailable instead of degrading
+_TAKES = TypeAdapter(list[BudgetTake])
 
 
 class _Backoff:
@@ -83,6 +83,10 @@ class _Backoff:
         with self._lock:
             since, self.down_since, self._delay = self.down_since, None, 0.0
             return None if since is None else self._clock() - since
+
+
+def _cached(raw: Sequence[bytes | None]) -> list[CachedDecision | None]:
+    return [None if b is None else CachedDecision.model_validate_json(b) for b in raw]
 
 
 class RedisState(StateStore):
@@ -161,8 +165,17 @@ class RedisState(StateStore):
 
     def _get_cached(self, keys: Sequence[str]) -> list[CachedDecision | None]:
         full = [self.keys.cache + k for k in keys]
-        raw = self._call("get_decisions", lambda: self.client.mget(full), [None] * len(keys))
-        return [None if b is None else CachedDecision.model_validate_json(b) for b in raw]
+        return _cached(self._call("get_decisions", lambda: self.client.mget(full), [None] * len(keys)))
+
+    def _seen_and_cached(self, ids: Sequence[str], keys: Sequence[str]) -> tuple[list[bool], list[CachedDecision | None]]:
+        def read() -> list[list[bytes | None]]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.mget([self.keys.event + i for i in ids])
+            pipe.mget([self.keys.cache + k for k in keys])
+            return pipe.execute()
+
+        seen, cached = self._call("seen_and_decisions", read, [[None] * len(ids), [None] * len(keys)])
+        return [r is not None for r in seen], _cached(cached)
 
     def _put_cached(self, records: Sequence[tuple[str, CachedDecision]], ttl_s: float) -> None:
         px = max(1, int(ttl_s * 1000))

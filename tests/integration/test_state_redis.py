@@ -213,6 +213,12 @@ def test_idempotency_claims_and_release(make_store: StoreFactory) -> None:
     s.release_events(["c"])
     assert s.seen(["a", "c", "d", "z"]) == [True, False, True, False]
     assert s.claim_events(["c"]) == [True]
+    # Both reads a worker makes before deciding, at once: the same answers as separately.
+    s.put_decisions([("k1", decision("e1"))])
+    seen, hits = s.seen_and_decisions(["a", "z"], ["k1", "k2"])
+    assert seen == [True, False] and hits[0] is not None and hits[0].event_id == "a" and hits[1] is None
+    assert hits == s.get_decisions(["k1", "k2"], ["a", "z"])
+    assert s.seen_and_decisions([], []) == ([], [])
 
 
 # ---------------------------------------------------------------------------------- Redis only
@@ -290,6 +296,7 @@ def test_outage_degrades_counts_and_recovers(private_redis: RedisHandle, fail_cl
         assert s.put_decisions([("k2", decision())]) == 1  # dropped quietly
         assert s.claim_events(["e"]) == [True]  # keep answering
         assert s.seen(["e"]) == [False] and s.get_live_params() is None and s.fetch("m") is None
+        assert s.seen_and_decisions(["e"], ["k"]) == ([False], [None])
         assert watcher.changed() == {}
         s.charge(tokens=5)
         with pytest.raises(StateUnavailable):
