@@ -256,20 +256,17 @@ def send_records(producer: KafkaProducer, records: Iterable[OutRecord | tuple[st
     return futures
 
 
-def await_acks(producer: KafkaProducer, futures: Sequence[FutureRecordMetadata], *, timeout_s: float = 30.0) -> list[RecordMetadata]:
+def await_acks(futures: Sequence[FutureRecordMetadata], *, timeout_s: float = 30.0) -> list[RecordMetadata]:
     """Return only after the broker acknowledged every record of ``futures``.
 
     Returns the metadata (partition, offset) in order. Raises :class:`ProduceError` if any
     record failed or the acknowledgements did not arrive within ``timeout_s``; the caller
-    must then not commit its input offsets.
+    must then not commit its input offsets. Waits on these records only, not on a flush: a
+    flush would also wait for records sent after them (the next batch of a pipelining worker).
     """
     if not futures:
         return []
     deadline = time.monotonic() + timeout_s
-    try:
-        producer.flush(timeout=timeout_s)
-    except KafkaTimeoutError as e:
-        raise ProduceError(f"{len(futures)} records not acknowledged within {timeout_s}s") from e
     results: list[RecordMetadata] = []
     failures: list[BaseException] = []
     for f in futures:
@@ -289,7 +286,9 @@ def produce_and_flush(
     timeout_s: float = 30.0,
 ) -> list[RecordMetadata]:
     """Send every record and return only after the broker acknowledged all of them."""
-    return await_acks(producer, send_records(producer, records, timeout_s=timeout_s), timeout_s=timeout_s)
+    futures = send_records(producer, records, timeout_s=timeout_s)
+    _drain(producer, timeout_s)  # no linger: nothing else is coming
+    return await_acks(futures, timeout_s=timeout_s)
 
 
 def _drain(producer: KafkaProducer, timeout_s: float) -> None:

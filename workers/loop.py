@@ -198,7 +198,7 @@ class _Pipeline:
             return
         records, result, futures, started = self.in_flight
         self.in_flight = None
-        await_acks(self.producer, futures)
+        await_acks(futures)
         for step in result.after_produce:
             step()
         self.uncommitted.extend(records)
