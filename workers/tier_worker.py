@@ -107,10 +107,10 @@ class TierWorker(Worker):
             self._routing_at = now
             self.share_routing()
 
-    def _parse(self, rec: ConsumerRecord, res: BatchResult) -> Deferred | None:
+    def _parse(self, rec: ConsumerRecord, res: BatchResult, now: float) -> Deferred | None:
         try:
-            if self.first:
-                return Deferred(event=self.task.parse_event(rec.value, self.config.kafka.max_event_bytes))
+            if self.first:  # (a time passed in, not a default factory: pydantic calls those slowly)
+                return Deferred(event=self.task.parse_event(rec.value, self.config.kafka.max_event_bytes), first_seen=now)
             return Deferred.model_validate_json(rec.value)
         except InvalidEvent as e:
             reason, detail = e.reason, e.detail
@@ -124,8 +124,9 @@ class TierWorker(Worker):
     def process(self, records: list[ConsumerRecord]) -> BatchResult:
         res = BatchResult()
         items: dict[str, Deferred] = {}
+        now = time.time()
         for rec in records:
-            d = self._parse(rec, res)
+            d = self._parse(rec, res, now)
             if d is not None and d.event.id not in items:  # a repeat inside one batch is a duplicate
                 items[d.event.id] = d
             elif d is not None:
@@ -145,15 +146,15 @@ class TierWorker(Worker):
         if todo:
             routed = self.stage.route([d.event for d in todo], [d.outputs[-1] if d.outputs else None for d in todo])
             versions = {tier.name: tier.version}
-            now = time.time()
+            decided_at = time.time()
             for d, r in zip(todo, routed):
                 cost = d.cost + tier.cost
                 if r.action is Action.ANSWER:
                     decided.append(Decision(
                         event_id=d.event.id, label=r.label, tier=tier.name, confidence=r.confidence, reason="tier",
-                        model_versions={**{o.tier: o.version for o in d.outputs}, **versions}, cost=cost,
+                        model_versions={**{o.tier: o.version for o in d.outputs}, **versions}, cost=cost, ts=decided_at,
                     ))
-                    latency.observe(now - d.first_seen)
+                    latency.observe(decided_at - d.first_seen)
                     continue
                 explored = r.action is Action.EXPLORE
                 to = self.topics.llm if explored else self.topics.above(tier.name)
