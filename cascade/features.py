@@ -13,6 +13,8 @@ import numpy as np
 from cascade.config import FeatureConfig
 
 _TOKEN = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?|\d+|[!?]", re.UNICODE)
+# The same tokens on ASCII text, a third faster: most streams are mostly ASCII.
+_ASCII_TOKEN = re.compile(r"[a-zA-Z]+(?:'[a-zA-Z]+)?|[0-9]+|[!?]")
 
 SparseVector = dict[int, float]
 _MAX_REMEMBERED = 500_000
@@ -77,7 +79,9 @@ class HashedNgrams:
         self._hashes: dict[str, int] = {}
 
     def tokens(self, text: str) -> list[str]:
-        return _TOKEN.findall(text.lower() if self.config.lowercase else text)
+        if self.config.lowercase:
+            text = text.lower()
+        return (_ASCII_TOKEN if text.isascii() else _TOKEN).findall(text)
 
     def _remember(self, grams: Iterable[str]) -> Callable[[str], int | None]:
         """Hash the grams not remembered yet; returns the lookup of every remembered hash."""

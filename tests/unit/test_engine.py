@@ -115,6 +115,20 @@ def test_miss_costs_make_a_tier_defer_when_the_costly_class_is_plausible():
     assert costly.miss_weight(probs, best).tolist() == [3.0, 1.0]  # answering joy risks missing fear
 
 
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_ascii_tokens_equal_the_unicode_pattern(lowercase):
+    from cascade.features import _TOKEN
+
+    featurizer = HashedNgrams(make_config().features.model_copy(update={"lowercase": lowercase}))
+    rng = random.Random(7)
+    alphabet = "aZ09_'!?.,- \t\n\"x"  # letters, digits, underscore, apostrophes and separators
+    texts = ["Don't stop!! It's 4pm, 'quoted' rock'n'roll x_y a1b2?", "''a'b'c'' _under_score_ 12'34"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(2000)]
+    for text in texts:
+        assert text.isascii()
+        assert featurizer.tokens(text) == _TOKEN.findall(text.lower() if lowercase else text), text
+
+
 def test_hashed_features_are_stable_across_instances():
     config = make_config().features
     a, b = HashedNgrams(config), HashedNgrams(config)
