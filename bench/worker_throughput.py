@@ -47,7 +47,7 @@ class Timing:
 
     def wrap(self, records: list[ConsumerRecord], result: BatchResult) -> BatchResult:
         self.count += len(records)
-        result.after_produce.append(lambda: setattr(self, "last", (time.perf_counter(), time.process_time())))
+        result.on_ack.append(lambda: setattr(self, "last", (time.perf_counter(), time.process_time())))
         return result
 
     def start(self) -> None:

@@ -146,7 +146,7 @@ class LLMWorker(Worker):
             res.records.append(OutRecord(self.topics.demonstrations, demo.event_id.encode(), demo.model_dump_json().encode()))
         self.record_decided(res, [d.event_id for d in decided])
         if decided:
-            res.after_produce.append(lambda: self.state.put_decisions(
+            res.on_ack.append(lambda: self.state.put_decisions(
                 (keys[d.event_id], d) for d in decided if d.event_id in keys and cacheable(d, False)
             ))
         return res

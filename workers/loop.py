@@ -12,6 +12,7 @@ import base64
 import gc
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -46,7 +47,10 @@ _REBALANCING = (CommitFailedError, RebalanceInProgressError, IllegalGenerationEr
 @dataclass
 class BatchResult:
     records: list[OutRecord] = field(default_factory=list)
-    # Runs after the broker acknowledged ``records`` and before the offsets are committed.
+    # Run on the pipeline's recorder thread as soon as the broker acknowledged ``records``, while
+    # the worker processes its next batch: thread-safe steps only (state-store writes).
+    on_ack: list[Callable[[], None]] = field(default_factory=list)
+    # Run on the worker's thread after ``on_ack``, before the offsets are committed.
     after_produce: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -78,19 +82,27 @@ class Worker:
 
     def undecided(self, ids: Sequence[str]) -> list[str]:
         """The ids with no decision yet: neither recorded in the state store nor in flight."""
-        return self._fresh(ids, self.state.seen(ids))
+        deciding = self._deciding.copy()  # before the read: see record_decided
+        return self._fresh(ids, self.state.seen(ids), deciding)
 
     def undecided_with_cache(self, ids: Sequence[str], cache_keys: Sequence[str]) -> list[tuple[str, Decision | None]]:
         """:meth:`undecided`, each with its cached decision if any (one state-store round trip)."""
+        deciding = self._deciding.copy()
         seen, cached = self.state.seen_and_decisions(ids, cache_keys)
         hits = dict(zip(ids, cached))
-        return [(i, hits[i]) for i in self._fresh(ids, seen)]
+        return [(i, hits[i]) for i in self._fresh(ids, seen, deciding)]
 
-    def _fresh(self, ids: Sequence[str], seen: Sequence[bool]) -> list[str]:
-        return [i for i, done in zip(ids, seen) if not done and i not in self._deciding]
+    @staticmethod
+    def _fresh(ids: Sequence[str], seen: Sequence[bool], deciding: set[str]) -> list[str]:
+        return [i for i, done in zip(ids, seen) if not done and i not in deciding]
 
     def record_decided(self, result: BatchResult, ids: Sequence[str]) -> None:
-        """Once ``result`` is acknowledged, record ``ids`` as decided (the idempotency record)."""
+        """Once ``result`` is acknowledged, record ``ids`` as decided (the idempotency record).
+
+        Until then they are in ``_deciding``. The recorder thread writes the record first and only
+        then takes them out, so an id read as not decided from a copy of ``_deciding`` taken before
+        the state-store read is truly undecided.
+        """
         ids = list(ids)
         if not ids:
             return
@@ -100,7 +112,7 @@ class Worker:
             self.state.claim_events(ids)
             self._deciding.difference_update(ids)
 
-        result.after_produce.append(record)
+        result.on_ack.append(record)
 
     def process(self, records: list[ConsumerRecord]) -> BatchResult:
         raise NotImplementedError
@@ -167,6 +179,7 @@ class Worker:
         finally:
             self.health.ready = False
             consumer.close()  # leaves the group so the partitions move on at once
+            flow.recorder.shutdown(wait=True)
             producer.close()
             lag.close()
             self.health.close()
@@ -174,31 +187,39 @@ class Worker:
 
 
 class _Pipeline:
-    """One batch in flight: batch n's outputs travel to the broker while batch n+1 is processed.
+    """One batch in flight: batch n's outputs travel to the broker, are acknowledged and recorded
+    (its ``on_ack`` steps, on the recorder thread) while batch n+1 is processed.
 
-    A batch's offsets are committed only after its outputs were acknowledged and its
-    ``after_produce`` steps ran; batches complete in order.
+    A batch's offsets are committed only after its outputs were acknowledged and its ``on_ack``
+    and ``after_produce`` steps ran; batches complete in order.
     """
 
     def __init__(self, worker: Worker, producer: KafkaProducer) -> None:
         self.worker = worker
         self.producer = producer
         self.consumer: KafkaConsumer | None = None
-        self.in_flight: tuple[list[ConsumerRecord], BatchResult, list, float] | None = None
+        self.recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder")  # one thread: batch order
+        self.in_flight: tuple[list[ConsumerRecord], BatchResult, Future[None], float] | None = None
         self.uncommitted: list[ConsumerRecord] = []
 
     def start(self, records: list[ConsumerRecord], result: BatchResult) -> None:
         started = time.perf_counter()
         futures = send_records(self.producer, result.records)
         self.finish()
-        self.in_flight = (records, result, futures, started)
+        self.in_flight = (records, result, self.recorder.submit(self._acknowledged, futures, result), started)
+
+    @staticmethod
+    def _acknowledged(futures: list, result: BatchResult) -> None:
+        await_acks(futures)
+        for step in result.on_ack:
+            step()
 
     def finish(self, commit: bool = True) -> None:
         if self.in_flight is None:
             return
-        records, result, futures, started = self.in_flight
+        records, result, recorded, started = self.in_flight
         self.in_flight = None
-        await_acks(futures)
+        recorded.result()  # re-raises a failed produce: then nothing of the batch is committed
         for step in result.after_produce:
             step()
         self.uncommitted.extend(records)

@@ -174,7 +174,7 @@ class TierWorker(Worker):
         if decided and self.config.state.cache_cheap_answers:
             answered = [d for d in decided if d.reason == "tier"]
             answered_keys = cache_keys(self.task.name, self.task.labels, [items[d.event_id].event.text for d in answered])
-            res.after_produce.append(lambda: self.state.put_decisions(zip(answered_keys, answered)))
+            res.on_ack.append(lambda: self.state.put_decisions(zip(answered_keys, answered)))
         return res
 
 

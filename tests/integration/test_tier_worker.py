@@ -45,7 +45,7 @@ def by_topic(result: BatchResult, suffix: str) -> list[dict]:
 
 
 def acknowledged(result: BatchResult) -> None:
-    for step in result.after_produce:  # what the loop runs once the broker acknowledged
+    for step in [*result.on_ack, *result.after_produce]:  # what the loop runs once the broker acknowledged
         step()
 
 
