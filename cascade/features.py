@@ -12,9 +12,16 @@ import numpy as np
 
 from cascade.config import FeatureConfig
 
-_TOKEN = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?|\d+|[!?]", re.UNICODE)
+_WORD = r"[^\W\d_]+(?:'[^\W\d_]+)?|\d+|[!?]"
 # The same tokens on ASCII text, a third faster: most streams are mostly ASCII.
-_ASCII_TOKEN = re.compile(r"[a-zA-Z]+(?:'[a-zA-Z]+)?|[0-9]+|[!?]")
+_ASCII_WORD = r"[a-zA-Z]+(?:'[a-zA-Z]+)?|[0-9]+|[!?]"
+_TOKEN, _ASCII_TOKEN = re.compile(_WORD), re.compile(_ASCII_WORD)
+# A batch is tokenised in one pass over its texts joined by _SEP, which no token contains and
+# which lowercasing leaves alone; the pattern returns each _SEP too, marking where a text ends.
+_SEP = "\x00"
+_BATCH_TOKEN, _ASCII_BATCH_TOKEN = re.compile(f"{_WORD}|{_SEP}"), re.compile(f"{_ASCII_WORD}|{_SEP}")
+_UNKNOWN = 1 << 32  # no crc32: a word not remembered yet
+_SEP_HASH = 1 << 33
 
 SparseVector = dict[int, float]
 _MAX_REMEMBERED = 500_000
@@ -76,7 +83,7 @@ class HashedNgrams:
         self.config = config
         self._n = config.n_features
         # Words are Zipf-distributed: remembering their hashes skips most of the hashing.
-        self._hashes: dict[str, int] = {}
+        self._hashes: dict[str, int] = {_SEP: _SEP_HASH}
 
     def tokens(self, text: str) -> list[str]:
         if self.config.lowercase:
@@ -88,10 +95,19 @@ class HashedNgrams:
         new = set(grams).difference(self._hashes)  # set operations in C: most words are known
         if new:
             if len(self._hashes) + len(new) > _MAX_REMEMBERED:
-                self._hashes.clear()
+                self._hashes = {_SEP: _SEP_HASH}
                 new = set(grams)
             self._hashes.update((g, zlib.crc32(g.encode("utf-8"))) for g in new)
         return self._hashes.get
+
+    def _hash_all(self, grams: list[str]) -> np.ndarray:
+        """The hash of every gram (:data:`_SEP` included), hashing only those not remembered yet."""
+        hashes = np.fromiter(map(self._hashes.get, grams, itertools.repeat(_UNKNOWN)), dtype=np.uint64, count=len(grams))
+        missing = np.flatnonzero(hashes == _UNKNOWN).tolist()
+        if missing:
+            lookup = self._remember([grams[i] for i in missing])
+            hashes[missing] = [lookup(grams[i]) for i in missing]
+        return hashes
 
     def _char_keys(self, words: list[str]) -> set[int]:
         if self.config.char_ngrams is None:
@@ -119,11 +135,14 @@ class HashedNgrams:
 
     def transform_batch(self, texts: Sequence[str]) -> SparseRows:
         """:meth:`transform` of every text, as one CSR batch (same buckets and values)."""
-        words = [self.tokens(t) for t in texts]
-        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        flat = list(itertools.chain.from_iterable(words))
-        hashes = np.fromiter(map(self._remember(flat), flat), dtype=np.uint64, count=len(flat))
-        doc = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
+        joined = _SEP.join(texts)
+        if self.config.lowercase:
+            joined = joined.lower()
+        flat = (_ASCII_BATCH_TOKEN if joined.isascii() else _BATCH_TOKEN).findall(joined)
+        hashes = self._hash_all(flat)
+        ends = hashes == np.uint64(_SEP_HASH)
+        doc = np.cumsum(ends)[~ends]  # text i's words follow i separators
+        hashes = hashes[~ends]
         keys, docs = [hashes], [doc]
         run = hashes
         for n in range(2, self.config.ngram_max + 1):
@@ -135,7 +154,7 @@ class HashedNgrams:
             keys.append(run[inside])
             docs.append(starts[inside])
         if self.config.char_ngrams is not None:
-            for i, ws in enumerate(words):
+            for i, ws in enumerate(self.tokens(t) for t in texts):
                 extra = np.fromiter(self._char_keys(ws), dtype=np.uint64)
                 keys.append(extra)
                 docs.append(np.full(len(extra), i, dtype=np.int64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -146,12 +147,17 @@ def test_batch_features_equal_one_text_at_a_time(features):
     config = make_config().features.model_copy(update=features)
     rng = random.Random(5)
     texts = [e.text for e, _ in easy_and_hard(200, seed=4)]
-    texts += ["", "!!", "one", "two words", "Ünïcödé WÖRDS, 123 and it's ok?", "x " * 7]
+    texts += ["", "!!", "one", "two words", "x " * 7, "it's", "'s", "9"]
+    # Non-ASCII, with capital sigmas, whose lowercase depends on what follows: a batch is
+    # lowercased joined, so a text's end must read as the end of a word there too.
+    unicode = ["Ünïcödé WÖRDS, 123 and it's ok?", "ΟΔΟΣ", "ΣΑΣ", "Σ", "ὈΔΥΣΣΕΎΣ σοφός", "ǅemal ﬁnd"]
     rng.shuffle(texts)  # empty and one-word texts between others: no n-gram may span two texts
+    mixed = [t for pair in itertools.zip_longest(texts, unicode) for t in pair if t is not None]
     featurizer = HashedNgrams(config)
-    batch = featurizer.transform_batch(texts)
-    assert len(batch) == len(texts)
-    assert [batch[i] for i in range(len(texts))] == [featurizer.transform(t) for t in texts]
+    for batch_texts in (texts, mixed):  # ASCII only: the ASCII pattern; else the Unicode one
+        batch = featurizer.transform_batch(batch_texts)
+        assert len(batch) == len(batch_texts)
+        assert [batch[i] for i in range(len(batch_texts))] == [featurizer.transform(t) for t in batch_texts]
     assert list(featurizer.transform_batch(["", "..."])) == [{}, {}] and len(featurizer.transform_batch([])) == 0
 
 
