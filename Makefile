@@ -19,7 +19,7 @@ install: $(STAMP)
 # The main job: the whole pipeline (tier, LLM and learner workers as processes) on the embedded
 # Tansu broker and a local Redis (started when none answers), over a recorded stream; then the report.
 demo: install
-	$(BIN)/cascade run --start-services --data $(DATA)/isear.jsonl.gz --llm $(LLM) --shuffle-seed 0 --mu 0.3
+	$(BIN)/python -m devtools.demo --data $(DATA)/isear.jsonl.gz --llm $(LLM) --shuffle-seed 0 --mu 0.3
 
 # The same stream through the in-process cascade (no broker, no Redis).
 simulate: install
@@ -43,7 +43,7 @@ local-llm: install
 # The demo with a live LLM instead of recorded answers: SmolLM2-135M-Instruct served by llama.cpp
 # on 127.0.0.1:8080 (started if nothing answers there), over the first LOCAL_LIMIT shuffled events.
 demo-local: install local-llm
-	$(BIN)/cascade run --start-services --llm-server local --data $(DATA)/isear.jsonl.gz --shuffle-seed 0 --mu 0.3 --limit $(LOCAL_LIMIT)
+	$(BIN)/python -m devtools.demo --local-llm --data $(DATA)/isear.jsonl.gz --shuffle-seed 0 --mu 0.3 --limit $(LOCAL_LIMIT)
 
 bench: install
 	$(BIN)/python bench/cascade_sweep.py --data-dir $(DATA)

@@ -24,7 +24,7 @@ from cascade.config import load_config  # noqa: E402
 from cascade.evaluation.data import labels_of, read_stream  # noqa: E402
 from cascade.task import Task  # noqa: E402
 from cascade.tiers.llm import make_backend  # noqa: E402
-from workers.local_llm import MODEL_NAME, start_llm_server  # noqa: E402
+from devtools.local_llm import MODEL_NAME, start_llm_server  # noqa: E402
 
 
 def main() -> int:

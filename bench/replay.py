@@ -71,7 +71,7 @@ def main() -> int:
     labels = sorted({p["label"] for p in payloads})
     broker = None
     if args.bootstrap is None:
-        from workers.local_services import start_tansu
+        from devtools.services import start_tansu
 
         broker = start_tansu(None, run_dir=OUT / "replay-services")
         args.bootstrap = broker.bootstrap_servers
@@ -94,7 +94,7 @@ def main() -> int:
 
         config_path = OUT / "replay-config.yaml"
         config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-        cmd = [sys.executable, "-m", "cascade.cli", "--config", str(config_path), "replay", "--topic", "events",
+        cmd = [sys.executable, "-m", "workers.cli", "--config", str(config_path), "replay", "--topic", "events",
                "--sweep", args.sweep, "--target", "min_accuracy=0.65", "--processes", str(args.processes),
                "--plot", str(OUT / "replay.png"), "--json"]
         t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -27,9 +27,10 @@ from cascade.logging import configure_logging
 from cascade.routing.cascade import Cascade
 from cascade.state import make_state
 from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
-from workers.local_services import ensure_redis, start_tansu
+from devtools.services import ensure_redis, start_tansu
 from workers.loop import BatchResult, Worker
-from workers.tier_worker import TierWorker, model_names
+from cascade.learning.registry import model_names
+from workers.tier_worker import TierWorker
 from workers.topics import Topics
 
 GPT = "gpt-3.5-turbo-1106"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from workers.local_services import BrokerHandle, RedisHandle, ensure_redis, start_redis, start_tansu
+from devtools.services import BrokerHandle, RedisHandle, ensure_redis, start_redis, start_tansu
 
 # db 15 keeps test keys away from a developer's data in db 0 of a shared local Redis.
 TEST_REDIS_URL = "redis://127.0.0.1:6379/15"

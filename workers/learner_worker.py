@@ -14,11 +14,11 @@ from pydantic import ValidationError
 
 from cascade.config import CascadeConfig
 from cascade.learning.learner import Learner
+from cascade.learning.registry import load_latest, publish_stage
 from cascade.logging import get_logger
 from cascade.messages import Demonstration, Event
-from cascade.routing.cascade import build_stages
+from cascade.routing.build import build_stages
 from workers.loop import BatchResult, Worker, dead_letter
-from workers.tier_worker import load_latest, model_names
 from workers.topics import Topics
 
 log = get_logger("cascade.learner")
@@ -60,10 +60,9 @@ class LearnerWorker(Worker):
 
     def publish(self) -> None:
         for stage in self.stages:
-            for name, model in zip(model_names(stage.tier.name), (stage.tier, stage.policy)):
-                self.state.publish(name, model.version, model.snapshot())
+            for name, version in publish_stage(self.state, stage).items():
                 self.metrics.snapshots.labels(self.role, name, "publish").inc()
-                self.metrics.model_version.labels(self.role, name).set(model.version)
+                self.metrics.model_version.labels(self.role, name).set(version)
         log.info("published", demonstrations=self.learner.demonstrations,
                  versions={s.tier.name: s.tier.version for s in self.stages})
         self.unpublished = 0

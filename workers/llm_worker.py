@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from cascade.config import CascadeConfig
 from cascade.logging import get_logger
 from cascade.messages import Decision, Deferred, Demonstration, LLMAnswer
-from cascade.routing.cascade import fallback_decision
-from cascade.state import BudgetRequest, cacheable
+from cascade.routing.steps import LLMStep
+from cascade.state import cacheable
 from cascade.state.keys import cache_keys
 from cascade.task import Task
 from cascade.tiers.llm import CIRCUIT_OPEN, LLMError, call_with_retries, make_backend
@@ -33,7 +33,7 @@ class LLMWorker(Worker):
         super().__init__(config, [topics.llm], topics.group("llm"), metrics_port)
         self.task = Task(config.task)
         self.backend = make_backend(self.task, config.llm)
-        self.tenant = tenant
+        self.step = LLMStep(self.task, self.backend.name, self.state, tenant)
         self.pool = ThreadPoolExecutor(config.llm.concurrency, thread_name_prefix="llm")
         self.rng = random.Random()
         for limit in self.state.limits:
@@ -90,7 +90,7 @@ class LLMWorker(Worker):
                 self.metrics.cache_hits.labels(self.role).inc()
             else:
                 to_call.append(i)
-        takes = self.state.take_budgets([BudgetRequest(self.tenant, 1, 0, 0.0) for _ in to_call])
+        takes = self.step.take_budget(len(to_call))
         for window, left in (takes[-1].remaining if takes else {}).items():
             self.metrics.budget_remaining.labels(self.role, window).set(left)
         allowed = []
@@ -106,12 +106,12 @@ class LLMWorker(Worker):
                 res.records.append(OutRecord(self.topics.llm, rec.key, rec.value))
                 self.hold_until = max(self.hold_until, time.time() + self._window_left(take.reason))
             else:
-                decided.append(fallback_decision(self.task, d.event, d.outputs, d.cost, "budget_exhausted", d.explored))
+                decided.append(self.step.exhausted(d))
         answers = list(self.pool.map(lambda i: self._call(items[i][1]), allowed))
         for i, ans in zip(allowed, answers):
             rec, d = items[i]
             if isinstance(ans, LLMError):
-                self.state.charge(self.tenant, calls=-1)  # the call never succeeded: refund it
+                self.step.refund()  # the call never succeeded
                 if ans.reason == CIRCUIT_OPEN and d.llm_holds < self.config.llm.max_retries:
                     # Held: back onto the LLM topic with its count, and no fetching until the
                     # circuit half-opens. After max_retries holds it is dead-lettered below.
@@ -126,17 +126,10 @@ class LLMWorker(Worker):
                 continue
             self.metrics.llm_calls.labels(self.role).inc()
             self.metrics.llm_spend.labels(self.role).inc(ans.cost)
-            if ans.tokens_in or ans.tokens_out or ans.cost:
-                self.state.charge(self.tenant, tokens=ans.tokens_in + ans.tokens_out, money=ans.cost)
-            cost = d.cost + ans.cost
-            versions = {o.tier: o.version for o in d.outputs}
-            if ans.label is None:
-                decided.append(fallback_decision(self.task, d.event, d.outputs, cost, "llm_unusable", d.explored))
-                continue
-            decided.append(Decision(event_id=i, label=ans.label, tier="llm", confidence=1.0, reason="llm",
-                                    explored=d.explored, model_versions=versions, cost=cost))
-            demos.append(Demonstration(event_id=i, text=d.event.text, llm=self.backend.name, llm_label=ans.label,
-                                       explored=d.explored))
+            decision, demo = self.step.settle(d, ans)
+            decided.append(decision)
+            if demo is not None:
+                demos.append(demo)
         for dec in decided:
             res.records.append(OutRecord(self.topics.decisions, dec.event_id.encode(), dec.model_dump_json().encode()))
             self.metrics.answered.labels(self.role, dec.tier, dec.reason).inc()

@@ -31,6 +31,8 @@ from pydantic import ValidationError
 from cascade.config import CascadeConfig
 from cascade.evaluation.progress import Progress
 from cascade.messages import Decision, Demonstration
+from cascade.config import ConfigError
+from cascade.replay.command import Loaded
 from cascade.replay.join import RecordedEvent
 from cascade.task import InvalidEvent, Task
 from workers.kafka_io import LagProbe, TopicPartition, _forbid_topic_auto_creation
@@ -267,3 +269,16 @@ def load_demonstrations(config: CascadeConfig, ids: set[str], llm_name: str, pro
 
         reader.read(rng, on_demo, Progress(rng.total, f"replay: reading {topic}", enabled=progress))
     return out
+
+
+def load_topic_range(config: CascadeConfig, topic: str, frm: str | None, to: str | None, gold_field: str | None,
+                     progress: bool) -> Loaded:
+    try:
+        lo, hi = parse_bound(frm), parse_bound(to)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        got = load_topic(config, topic, lo, hi, gold_field=gold_field, progress=progress)
+    except KafkaError as e:
+        raise ConfigError(f"replay: cannot read topic {topic!r} at {config.kafka.bootstrap_servers}: {e}") from None
+    return Loaded(got.rows, topic, got.kind, got.range.describe(), dict(got.invalid), got.llm_decisions, got.seconds)

@@ -29,7 +29,7 @@ log = get_logger("cascade.run")
 
 
 def worker_commands(config_path: Path, tiers: list[str], base_port: int) -> list[tuple[str, list[str]]]:
-    cli = [sys.executable, "-m", "cascade.cli", "--config", str(config_path)]
+    cli = [sys.executable, "-m", "workers.cli", "--config", str(config_path)]
     roles = [(f"tier-{t}", [*cli, "worker", "--tier", t]) for t in tiers]
     roles += [("llm", [*cli, "worker", "--tier", "llm"]), ("learner", [*cli, "learner"])]
     return [(role, [*cmd, "--metrics-port", str(base_port + i)]) for i, (role, cmd) in enumerate(roles)]

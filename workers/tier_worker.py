@@ -10,11 +10,11 @@ from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import ValidationError
 
 from cascade.config import CascadeConfig
+from cascade.learning.registry import ModelFollower
 from cascade.logging import get_logger
-from cascade.messages import Decision, Deferred, RoutingSnapshot
-from cascade.routing.cascade import build_stage, deferral_costs
-from cascade.routing.stage import Action, Stage
-from cascade.state.base import StateStore
+from cascade.messages import Decision, Deferred
+from cascade.routing.build import build_stage
+from cascade.routing.steps import price_deferral, route_stage
 from cascade.state.keys import cache_keys
 from cascade.task import InvalidEvent, Task
 from workers.kafka_io import OutRecord
@@ -22,54 +22,6 @@ from workers.loop import BatchResult, Worker, dead_letter
 from workers.topics import Topics
 
 log = get_logger("cascade.worker.tier")
-
-
-def model_names(tier: str) -> tuple[str, str]:
-    """Registry names of a tier's model and its deferral policy."""
-    return f"tier:{tier}", f"policy:{tier}"
-
-
-def load_latest(state: StateStore, stage: Stage) -> dict[str, int]:
-    """Restore a stage's tier and policy from the newest registry versions; returns what it loaded."""
-    loaded = {}
-    for name, target in zip(model_names(stage.tier.name), (stage.tier, stage.policy)):
-        found = state.fetch(name)
-        if found is not None:
-            target.restore(found[1])
-            loaded[name] = found[0]
-    return loaded
-
-
-class ModelFollower:
-    """Hot-swaps a stage's models and the live parameters when new versions appear in the state store."""
-
-    def __init__(self, state: StateStore, stage: Stage, metrics_role: str, metrics: object, every_s: float = 1.0) -> None:
-        self.state = state
-        self.stage = stage
-        self.names = model_names(stage.tier.name)
-        self.watcher = state.watcher(self.names, poll_interval_s=every_s, known=load_latest(state, stage))
-        self.every_s = every_s
-        self._params_at = 0.0
-        self.metrics = metrics
-        self.role = metrics_role
-
-    def poll(self) -> None:
-        for name, version in self.watcher.changed().items():
-            found = self.state.fetch(name, version)
-            if found is None:
-                continue
-            target = self.stage.tier if name == self.names[0] else self.stage.policy
-            target.restore(found[1])
-            self.metrics.snapshots.labels(self.role, name, "load").inc()  # type: ignore[attr-defined]
-            self.metrics.model_version.labels(self.role, name).set(found[0])  # type: ignore[attr-defined]
-            log.info("model_swapped", name=name, version=found[0])
-        now = time.monotonic()
-        if now - self._params_at >= self.every_s:
-            self._params_at = now
-            params = self.state.get_live_params()
-            if params is not None and params != self.stage.params:
-                self.stage.params = params
-                log.info("live_params_applied", mu=params.mu, thresholds=params.thresholds)
 
 
 class TierWorker(Worker):
@@ -84,21 +36,23 @@ class TierWorker(Worker):
         self.stage = build_stage(config, names.index(tier))
         self.stage.rng.seed(config.seed * 1_000_003 + os.getpid())  # replicas must not explore in lockstep
         self.first = names.index(tier) == 0
-        self.follower = ModelFollower(self.state, self.stage, self.role, self.metrics)
+        self.follower = ModelFollower(self.state, self.state, self.stage, on_swap=self._swapped, on_refused=self._refused)
         self._routing_at = 0.0
+
+    def _swapped(self, name: str, version: int) -> None:
+        self.metrics.snapshots.labels(self.role, name, "load").inc()
+        self.metrics.model_version.labels(self.role, name).set(version)
+
+    def _refused(self, name: str, version: int) -> None:
+        self.metrics.snapshots.labels(self.role, name, "refused").inc()
 
     def share_routing(self) -> None:
         """Publish this stage's routing and take the stages above into its deferral cost."""
-        self.state.put_routing(self.stage.routing())
-        shared = self.state.get_routing()
-        chain = [
-            self.stage.routing() if t.name == self.stage.tier.name
-            # Unknown stages above count as deferring everything: the cautious assumption.
-            else shared.get(t.name) or RoutingSnapshot(tier=t.name, cost=t.cost, answer_rate=0.0, answered_disagreement=0.0)
-            for t in self.config.tiers
-        ]
-        mine = [t.name for t in self.config.tiers].index(self.stage.tier.name)
-        self.stage.policy.defer_cost = deferral_costs(chain, self.config.llm.cost)[mine]
+        mine = self.stage.routing()
+        self.state.put_routing(mine)
+        known = {**self.state.get_routing(), mine.tier: mine}
+        costs = price_deferral([(t.name, t.cost) for t in self.config.tiers], known, self.config.llm.cost)
+        self.stage.policy.defer_cost = costs[mine.tier]
 
     def idle(self) -> None:
         self.follower.poll()
@@ -140,28 +94,18 @@ class TierWorker(Worker):
         decided: list[Decision] = [hit for _, hit in fresh if hit is not None]
         todo = [items[i] for i, hit in fresh if hit is None]
         self.metrics.cache_hits.labels(self.role).inc(len(decided))
-        tier = self.stage.tier
         deferred: Counter[tuple[str, bool]] = Counter()
-        latency = self.metrics.event_latency.labels(self.role)
         if todo:
-            routed = self.stage.route([d.event for d in todo], [d.outputs[-1] if d.outputs else None for d in todo])
-            versions = {tier.name: tier.version}
-            decided_at = time.time()
-            for d, r in zip(todo, routed):
-                cost = d.cost + tier.cost
-                if r.action is Action.ANSWER:
-                    decided.append(Decision(
-                        event_id=d.event.id, label=r.label, tier=tier.name, confidence=r.confidence, reason="tier",
-                        model_versions={**{o.tier: o.version for o in d.outputs}, **versions}, cost=cost, ts=decided_at,
-                    ))
-                    latency.observe(decided_at - d.first_seen)
-                    continue
-                explored = r.action is Action.EXPLORE
-                to = self.topics.llm if explored else self.topics.above(tier.name)
-                up = Deferred(event=d.event, outputs=[*d.outputs, r.output], explored=d.explored or explored,
-                              cost=cost, first_seen=d.first_seen)
-                res.records.append(OutRecord(to, d.event.id.encode(), up.model_dump_json().encode()))
-                deferred[to, explored] += 1
+            step = route_stage(self.stage, todo, time.time())
+            latency = self.metrics.event_latency.labels(self.role)
+            for j, decision in step.answered:
+                decided.append(decision)
+                latency.observe(decision.ts - todo[j].first_seen)
+            above = self.topics.above(self.stage.tier.name)
+            for _, up in step.passed:
+                to = self.topics.llm if up.explored else above
+                res.records.append(OutRecord(to, up.event.id.encode(), up.model_dump_json().encode()))
+                deferred[to, up.explored] += 1
         # Metrics by the batch: a labels() lookup per event costs more than the tier's features.
         for (to, explored), n in deferred.items():
             self.metrics.deferred.labels(self.role, to, str(explored).lower()).inc(n)

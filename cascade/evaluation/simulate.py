@@ -26,12 +26,11 @@ def simulate(
     start = time.perf_counter()
     done = 0
     for batch in batches(rows, batch_size):
-        outcomes = cascade.process([r.event for r in batch])
-        for row, out in zip(batch, outcomes):
+        step = cascade.step([r.event for r in batch])
+        for row, decision, outputs in zip(batch, step.decisions, step.outputs):
             llm_alone = cascade.task.map_answer(recorded.recorded(row.event)[1]) if recorded else None
-            first = out.outputs[0] if out.outputs else None
-            cheap_alone = first.label(cascade.task.labels) if first else None
-            scorer.add_decision(row.gold, out.decision, llm_alone, cheap_alone)
+            cheap_alone = outputs[0].label(cascade.task.labels) if outputs else None
+            scorer.add_decision(row.gold, decision, llm_alone, cheap_alone)
         done += len(batch)
         bar.update(done, f"llm {scorer.llm_calls / done:.2f}")
     seconds = time.perf_counter() - start

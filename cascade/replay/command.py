@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from cascade.config import CascadeConfig, ConfigError
 from cascade.evaluation.data import read_stream
+from cascade.learning.registry import latest_snapshots, model_names
 from cascade.logging import get_logger
 from cascade.messages import LiveParams
 from cascade.replay.analysis import (
@@ -87,25 +88,13 @@ def load_file(path: Path, frm: int | None, to: int | None, shuffle_seed: int | N
     return Loaded(recorded, str(path), "file", {"rows": [lo, hi]}, seconds=time.perf_counter() - start)
 
 
-def load_topic_range(config: CascadeConfig, topic: str, frm: str | None, to: str | None, gold_field: str | None,
-                     progress: bool) -> Loaded:
-    from workers.replay_source import load_topic, parse_bound
-
-    try:
-        lo, hi = parse_bound(frm), parse_bound(to)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    from kafka.errors import KafkaError
-
-    try:
-        got = load_topic(config, topic, lo, hi, gold_field=gold_field, progress=progress)
-    except KafkaError as e:
-        raise ConfigError(f"replay: cannot read topic {topic!r} at {config.kafka.bootstrap_servers}: {e}") from None
-    return Loaded(got.rows, topic, got.kind, got.range.describe(), dict(got.invalid), got.llm_decisions, got.seconds)
+DemonstrationSource = Callable[[set[str]], Mapping[str, str]]
 
 
-def join(config: CascadeConfig, loaded: Loaded, progress: bool, live_sources: bool) -> Joined:
-    """Recorded answers: decision cache, demonstrations topic, decisions range, event field."""
+def join(config: CascadeConfig, loaded: Loaded, live_sources: bool,
+         demonstrations: DemonstrationSource | None = None) -> Joined:
+    """Recorded answers: decision cache, demonstrations (LLM labels by id, for the ids asked),
+    decisions range, event field. The cache is read only with ``live_sources``."""
     cache = demos = None
     state = None
     if live_sources and config.state.backend == "redis":
@@ -114,10 +103,8 @@ def join(config: CascadeConfig, loaded: Loaded, progress: bool, live_sources: bo
         state = make_state(config)
         cache = state_cache_lookup(state, Task(config.task))
     try:
-        if live_sources:
-            from workers.replay_source import load_demonstrations
-
-            demos = load_demonstrations(config, {r.event.id for r in loaded.rows}, config.llm.name, progress)
+        if live_sources and demonstrations is not None:
+            demos = demonstrations({r.event.id for r in loaded.rows})
         joined = join_answers(loaded.rows, config.llm, cache=cache, demonstrations=demos,
                               decisions=loaded.llm_decisions or None)
         if state is not None and state.errors:  # an unreachable store degrades to cache misses
@@ -144,10 +131,9 @@ def published_snapshots(config: CascadeConfig) -> tuple[dict[str, tuple[bytes | 
     versions: dict[str, int] = {}
     with make_state(config) as state:
         for tier in config.tiers:
-            names = (f"tier:{tier.name}", f"policy:{tier.name}")  # the tier workers' registry names
-            found = [state.fetch(name) for name in names]
+            found = latest_snapshots(state, tier.name)
             out[tier.name] = (found[0][1] if found[0] else None, found[1][1] if found[1] else None)
-            versions.update({n: f[0] for n, f in zip(names, found) if f is not None})
+            versions.update({n: f[0] for n, f in zip(model_names(tier.name), found) if f is not None})
     return out, versions
 
 
@@ -173,10 +159,10 @@ def replay(
     config: CascadeConfig, loaded: Loaded, settings: Sequence[Setting], *, target: Target | None = None,
     apply: bool = False, plot: Path | None = None, batch_size: int = 1, processes: int | None = None,
     events_per_hour: float | None = None, progress: bool = True, live_sources: bool = True,
-    exploration_scale: float = 0.0, warm_start: bool = False,
+    exploration_scale: float = 0.0, warm_start: bool = False, demonstrations: DemonstrationSource | None = None,
 ) -> ReplayReport:
     started = time.perf_counter()
-    joined = join(config, loaded, progress, live_sources)
+    joined = join(config, loaded, live_sources, demonstrations)
     seconds_load = loaded.seconds + time.perf_counter() - started
     if joined.missing:
         log.warning("replay_missing_llm_answers", count=len(joined.missing), first=joined.missing[:5])

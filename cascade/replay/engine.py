@@ -22,7 +22,8 @@ from cascade.evaluation.progress import Progress
 from cascade.messages import LiveParams
 from cascade.replay.join import Joined, JoinedAnswers
 from cascade.replay.sweep import Setting
-from cascade.routing.cascade import Cascade, initial_params
+from cascade.routing.build import initial_params
+from cascade.routing.cascade import Cascade
 from cascade.task import Task
 
 
@@ -82,9 +83,7 @@ def run_point(
     start, cpu = time.perf_counter(), time.process_time()
     for lo in range(0, n, batch_size):
         batch = rows[lo : lo + batch_size]
-        outcomes = cascade.process([r.event for r in batch])
-        for r, out in zip(batch, outcomes):
-            d = out.decision
+        for r, d in zip(batch, cascade.process([r.event for r in batch])):
             cost += d.cost
             if d.reason in ("llm", "llm_unusable"):
                 llm_calls += 1

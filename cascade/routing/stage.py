@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from functools import cached_property
 from enum import Enum
 from typing import Any, Sequence
 
@@ -23,31 +22,27 @@ class Action(str, Enum):
 
 
 @dataclass
-class Routed:
-    action: Action
-    label: str
-    confidence: float
-    inputs: Sequence[Any]  # the tier's prepared batch; this event's is ``tier_input``
-    index: int
+class StageRouting:
+    """What a stage decided for a batch, as arrays: per-event objects are built only where needed
+    (a serving worker needs a ``TierOutput`` only for the events it passes up)."""
+
     tier: str
     version: int
+    actions: list[Action]
+    labels: list[str]
+    confidence: list[float]
     probs: np.ndarray
     policy_features: np.ndarray
-    p_agree: float | None
+    p_agree: list[float] | None  # None while the policy is cold
+    inputs: Sequence[Any]  # the tier's prepared batch, reused by in-process learning
 
-    @property
-    def tier_input(self) -> Any:
-        """The tier's prepared input of this event, reused by the learner in-process."""
-        return self.inputs[self.index]
-
-    @cached_property
-    def output(self) -> TierOutput:
-        """What the tier said, as carried up the cascade; built on demand, since a serving
-        worker needs it only for the events it passes up."""
+    def output(self, i: int) -> TierOutput:
+        """What the tier said about event ``i``, as carried up the cascade."""
         return TierOutput(
-            tier=self.tier, version=self.version, probs=self.probs.tolist(),
-            policy_features=self.policy_features.tolist(), p_agree=self.p_agree,
-            explored=self.action is Action.EXPLORE,
+            tier=self.tier, version=self.version, probs=self.probs[i].tolist(),
+            policy_features=self.policy_features[i].tolist(),
+            p_agree=None if self.p_agree is None else self.p_agree[i],
+            explored=self.actions[i] is Action.EXPLORE,
         )
 
 
@@ -103,7 +98,7 @@ class Stage:
         weighted = others @ self.miss_costs
         return np.where(mass > 0, weighted / np.maximum(mass, 1e-12), 1.0)
 
-    def route(self, events: Sequence[Event], lower: Sequence[TierOutput | None] | None = None) -> list[Routed]:
+    def route(self, events: Sequence[Event], lower: Sequence[TierOutput | None] | None = None) -> StageRouting:
         lower = lower if lower is not None else [None] * len(events)
         inputs = self.tier.prepare(events)
         probs = self.tier.predict_proba(inputs)
@@ -115,17 +110,18 @@ class Stage:
         best = probs.argmax(axis=1)
         risk = (1.0 - p) * self.miss_weight(probs, best)
         accept = (risk <= threshold).tolist() if warm else [False] * len(events)
-        confidence = probs[np.arange(len(events)), best].tolist()
         p_list = p.tolist()
-        labels = self.tier.labels
-        name, version = self.tier.name, self.tier.version
-        out = []
-        for i, (ok, label_index, p_i) in enumerate(zip(accept, best.tolist(), p_list)):
+        actions = []
+        for ok, p_i in zip(accept, p_list):
             if ok and self.rng.random() < explore:
                 action = Action.EXPLORE
             else:
                 action = Action.ANSWER if ok else Action.DEFER
             self.stats.update(action is Action.ANSWER, p_i)
-            out.append(Routed(action, labels[label_index], confidence[i], inputs, i, name, version, probs[i], feats[i],
-                              p_i if warm else None))
-        return out
+            actions.append(action)
+        labels = self.tier.labels
+        return StageRouting(
+            tier=self.tier.name, version=self.tier.version, actions=actions,
+            labels=[labels[j] for j in best.tolist()], confidence=probs[np.arange(len(events)), best].tolist(),
+            probs=probs, policy_features=feats, p_agree=p_list if warm else None, inputs=inputs,
+        )

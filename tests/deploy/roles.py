@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cascade.cli import build_parser
+from workers.cli import build_parser
 from cascade.config import CascadeConfig
 
 

@@ -20,13 +20,14 @@ from kafka.structs import OffsetAndMetadata
 
 from cascade.config import load_config
 from cascade.messages import Decision, Demonstration, LiveParams
-from cascade.replay.command import join, load_topic_range, replay
+from cascade.replay.command import join, replay
 from cascade.replay.sweep import parse_sweep
 from cascade.state import make_state
 from cascade.state.keys import cache_key
 from cascade.task import Task
 from workers.kafka_io import LagProbe, OutRecord, TopicPartition, ensure_topics, make_producer, produce_and_flush
-from workers.local_services import free_port
+from devtools.services import free_port
+from workers.replay_source import load_demonstrations, load_topic_range
 from workers.topics import Topics
 from tests.unit.streams import LLM, easy_and_hard
 
@@ -93,7 +94,7 @@ def write_config(config, tmp_path: Path) -> Path:
 
 def cli(config_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "CASCADE_CONFIG": str(config_path)}
-    return subprocess.run([sys.executable, "-m", "cascade.cli", "replay", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "workers.cli", "replay", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -136,12 +137,14 @@ def test_replay_of_a_topic_recovers_the_recorded_answers(kafka_bootstrap, redis_
 
     loaded = load_topic_range(config, topics.events, None, None, "label", progress=False)
     assert len(loaded.rows) == 400
-    joined = join(config, loaded, progress=False, live_sources=True)
+    demos = lambda ids: load_demonstrations(config, ids, LLM, progress=False)  # noqa: E731
+    joined = join(config, loaded, live_sources=True, demonstrations=demos)
     assert joined.answers == expected
     assert sorted(joined.missing) == sorted(f"e{i}" for i in range(150, 160))
     assert dict(joined.sources) == {"cache": 50, "demonstrations": 100, "field": 240}
 
-    report = replay(config, loaded, parse_sweep(["mu=0.02:1:log5"], ["logistic"]), plot=None, progress=False)
+    report = replay(config, loaded, parse_sweep(["mu=0.02:1:log5"], ["logistic"]), plot=None, progress=False,
+                    demonstrations=demos)
     assert report.missing_llm_answers == 10 and report.events_replayed == 390
     assert report.quality_metric == "agreement_with_llm"  # no gold labels on the topic
     assert report.events_per_hour is not None and report.rate_from == "timestamps"
@@ -202,7 +205,7 @@ def test_apply_retunes_a_running_tier_worker(kafka_bootstrap, redis_url, tmp_pat
     topics = Topics(config)
     config_path = write_config(config, tmp_path)
     log = (tmp_path / "worker.log").open("ab")
-    worker = subprocess.Popen([sys.executable, "-m", "cascade.cli", "worker", "--tier", "logistic", "--metrics-port",
+    worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "--tier", "logistic", "--metrics-port",
                                str(free_port())], stdout=log, stderr=log,
                               env={**os.environ, "CASCADE_CONFIG": str(config_path)})
     try:

@@ -29,7 +29,7 @@ def isear_slice(tmp_path_factory) -> Path:
 
 def simulate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cascade.cli", "simulate", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "workers.cli", "simulate", *args], capture_output=True, text=True, timeout=300
     )
 
 
@@ -67,7 +67,7 @@ def test_simulate_reports_bad_input_clearly(tmp_path, isear_slice):
     bad = tmp_path / "c.yaml"
     bad.write_text("deferral:\n  mu: -3\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "cascade.cli", "--config", str(bad), "simulate", "--data", str(isear_slice), "--llm", GPT],
+        [sys.executable, "-m", "workers.cli", "--config", str(bad), "simulate", "--data", str(isear_slice), "--llm", GPT],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "deferral.mu" in proc.stderr

@@ -1,4 +1,4 @@
-"""workers.local_services: real redis-server and Tansu processes."""
+"""devtools.services: real redis-server and Tansu processes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import redis
 from kafka import KafkaAdminClient
 
-from workers.local_services import (
+from devtools.services import (
     RedisHandle,
     ServiceStartError,
     ensure_redis,
@@ -71,7 +71,7 @@ def test_start_tansu_refuses_a_busy_port(kafka_bootstrap: str, tmp_path: Path) -
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.local_services", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "devtools.services", *args], capture_output=True, text=True, timeout=60
     )
 
 

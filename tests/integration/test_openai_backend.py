@@ -28,7 +28,7 @@ from cascade.task import Task
 from cascade.tiers.llm import make_backend
 from cascade.tiers.openai_compat import OpenAIBackend
 from workers.llm_worker import LLMWorker
-from workers.local_llm import MODEL_NAME, LLMServerHandle, start_llm_server
+from devtools.local_llm import MODEL_NAME, LLMServerHandle, start_llm_server
 
 pytestmark = pytest.mark.integration
 
@@ -269,7 +269,7 @@ def test_killed_server_trips_breaker_then_events_are_retried_and_dead_lettered(t
 
 
 def test_ensure_reuses_a_running_server(llm_server: LLMServerHandle) -> None:
-    from workers.local_llm import ensure_llm_server
+    from devtools.local_llm import ensure_llm_server
 
     handle = ensure_llm_server(llm_server.base_url)
     assert not handle.owned and handle.alive()

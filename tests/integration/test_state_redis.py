@@ -20,7 +20,7 @@ from cascade.config import BudgetConfig, RedisConfig, StateConfig
 from cascade.messages import Decision, LiveParams, RoutingSnapshot
 from cascade.state import BudgetLimit, BudgetRequest, MemoryState, StateStore, StateUnavailable
 from cascade.state.redis_store import RedisState
-from workers.local_services import RedisHandle
+from devtools.services import RedisHandle
 
 pytestmark = pytest.mark.integration
 

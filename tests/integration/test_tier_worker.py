@@ -19,7 +19,8 @@ from cascade.state import make_state
 from tests.unit.streams import easy_and_hard
 from tests.unit.test_engine import make_config
 from workers.loop import BatchResult
-from workers.tier_worker import TierWorker, model_names
+from cascade.learning.registry import model_names
+from workers.tier_worker import TierWorker
 
 pytestmark = pytest.mark.integration
 
@@ -86,8 +87,8 @@ def test_batch_answers_defers_and_records_what_it_decided(worker: TierWorker, wa
     assert len(decisions) + len(deferred) == len(stream)  # one output per event
     # The serving path (batches) decides as the in-process engine does one event at a time (plain
     # Python features) with the same models.
-    one_by_one = [warm.stages[0].route([e])[0] for e, _ in stream]
-    expected = {f"ev{i}": r.label for i, r in enumerate(one_by_one) if r.action is Action.ANSWER}
+    one_by_one = [warm.stages[0].route([e]) for e, _ in stream]
+    expected = {f"ev{i}": r.labels[0] for i, r in enumerate(one_by_one) if r.actions[0] is Action.ANSWER}
     assert {d.event_id: d.label for d in decisions} == expected
     kind = {f"ev{i}": k for i, (_, k) in enumerate(stream)}
     assert len(expected) > 100 and all(kind[i] == "easy" for i in expected)  # hard events carry no telling word

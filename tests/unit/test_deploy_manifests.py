@@ -7,7 +7,7 @@
 - overlays are rendered by tests/deploy/kustomize.py, compared with ``kustomize build`` when a
   kustomize or kubectl binary is on PATH;
 - the Dockerfile's entrypoint plus each container's args (Kubernetes and docker-compose) parse
-  with ``cascade.cli.build_parser()``; the Dockerfile passes hadolint when it is installed;
+  with ``workers.cli.build_parser()``; the Dockerfile passes hadolint when it is installed;
 - the probes and metrics ports are what a real worker HealthServer serves;
 - KEDA's consumer groups and topics are those the real workers use with the ConfigMap's config,
   its maxReplicaCount (and the HPA's maxReplicas) at most the configured partitions;
@@ -41,7 +41,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from cascade.cli import build_parser
+from workers.cli import build_parser
 from cascade.config import CascadeConfig, load_config
 from tests.deploy.kustomize import build, configmap_hash
 from tests.deploy.roles import worker_for
@@ -339,7 +339,7 @@ def test_dockerfile_targets_entrypoint_and_extras() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert set(IMAGE_TARGETS.values()) <= set(stages)
     assert dockerfile_entrypoint() == ["cascade"]
-    assert pyproject["project"]["scripts"]["cascade"] == "cascade.cli:main"
+    assert pyproject["project"]["scripts"]["cascade"] == "workers.cli:main"
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE)
     assert base and base[1] == "python:3.11-slim"
     assert all(s[0] == ("FROM", "${PYTHON_IMAGE}") or s[0][1] in stages for s in stages.values())

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import random
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 
 from cascade.config import CascadeConfig, load_config
 from cascade.features import HashedNgrams
-from cascade.messages import Event, LiveParams
+from cascade.messages import Decision, Demonstration, Event, LiveParams, TierOutput
 from cascade.routing.cascade import Cascade
 from cascade.tiers.llm import LLMError, call_with_retries
 from tests.unit.streams import LLM, easy_and_hard, event
@@ -26,10 +27,21 @@ def make_config(**deferral) -> CascadeConfig:
     )
 
 
-def run(cascade: Cascade, stream, batch: int = 1):
+class Outcome(NamedTuple):
+    decision: Decision
+    demonstration: Demonstration | None
+    outputs: list[TierOutput]
+
+
+def outcomes_of(cascade: Cascade, events: list[Event]) -> list[Outcome]:
+    step = cascade.step(events)
+    return [Outcome(*o) for o in zip(step.decisions, step.demonstrations, step.outputs)]
+
+
+def run(cascade: Cascade, stream, batch: int = 1) -> list[Outcome]:
     out = []
     for i in range(0, len(stream), batch):
-        out.extend(cascade.process([e for e, _ in stream[i : i + batch]]))
+        out.extend(outcomes_of(cascade, [e for e, _ in stream[i : i + batch]]))
     return out
 
 
@@ -93,7 +105,7 @@ def test_unusable_llm_answer_is_not_learned_and_falls_back():
     cascade = Cascade(make_config(warmup=20))
     run(cascade, easy_and_hard(60, seed=7))
     version = cascade.stages[0].tier.version
-    [out] = cascade.process([event(999, "a day when we were glad", None)])
+    [out] = outcomes_of(cascade, [event(999, "a day when we were glad", None)])
     assert out.decision.reason == "llm_unusable"
     assert out.decision.label in {"joy", "fear"}  # the warm cheap tier's answer, marked as such
     assert out.demonstration is None
@@ -187,8 +199,8 @@ def test_retries_back_off_then_give_up():
 def test_repeated_input_is_answered_from_the_cache_before_any_tier():
     cascade = Cascade(make_config(warmup=1000))
     first, again = event(1, "We were  GLAD that day", "joy"), event(2, "we were glad that day", "fear")
-    [a] = cascade.process([first])
-    [b] = cascade.process([again])  # same text after normalisation: the LLM's answer stands
+    [a] = outcomes_of(cascade, [first])
+    [b] = outcomes_of(cascade, [again])  # same text after normalisation: the LLM's answer stands
     assert a.decision.reason == "llm" and b.decision.reason == "cache"
     assert b.decision.label == "joy" and b.decision.event_id == "2" and b.decision.cost == 0.0
     assert b.outputs == [] and b.demonstration is None
@@ -209,7 +221,7 @@ def test_exhausted_budget_keeps_the_cheap_answer_and_says_so():
 
 def test_deferral_costs_work_down_from_the_top():
     from cascade.messages import RoutingSnapshot
-    from cascade.routing.cascade import deferral_costs
+    from cascade.routing.steps import deferral_costs
 
     chain = [
         RoutingSnapshot(tier="logistic", cost=1.0, answer_rate=0.5, answered_disagreement=0.1),

@@ -6,7 +6,8 @@ import onnxruntime as ort
 import pytest
 
 from cascade.config import CascadeConfig, TierConfig
-from cascade.routing.cascade import Cascade, build_tier
+from cascade.routing.build import build_tier
+from cascade.routing.cascade import Cascade
 from cascade.tiers.base import SnapshotError
 from cascade.tiers.encoders import BUILTIN_ENCODERS, EncoderNotFound, resolve_encoder
 from cascade.tiers.onnx import HEAD_INPUT, HEAD_OUTPUT, NgramInput, OnnxTier, head_model
@@ -139,7 +140,7 @@ def test_build_tier_and_a_three_tier_cascade_runs():
     assert onnx_stage.tier.version > 0
     # The ONNX stage's policy features carry the logistic tier's after its own.
     out = onnx_stage.route([e for e, _ in stream[:4]])
-    assert len(out[0].output.policy_features) > 0
+    assert len(out.output(0).policy_features) > 0
 
 
 @pytest.fixture(scope="module")

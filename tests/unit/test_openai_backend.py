@@ -19,7 +19,7 @@ from cascade.task import Task
 from cascade.tiers.circuit import CircuitBreaker, CircuitOpen
 from cascade.tiers.llm import LLMError, call_with_retries, make_backend
 from cascade.tiers.openai_compat import AnswerParser, OpenAIBackend, render, retry_after_seconds
-from workers.local_services import free_port
+from devtools.services import free_port
 
 LABELS = ["joy", "sadness", "anger"]
 Reply = tuple[int, dict[str, str], bytes]

