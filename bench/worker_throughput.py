@@ -17,19 +17,20 @@ import json
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from kafka.consumer.fetcher import ConsumerRecord
 
 from cascade.config import CascadeConfig, load_config
-from cascade.evaluation.data import labels_of, read_stream
+from cascade.evaluation.data import LabelledEvent, labels_of, read_stream
 from cascade.logging import configure_logging
 from cascade.routing.cascade import Cascade
 from cascade.state import make_state
-from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
 from devtools.services import ensure_redis, start_tansu
+from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
 from workers.loop import BatchResult, Worker
-from cascade.learning.registry import model_names
+from cascade.learning.registry import publish_stage
 from workers.tier_worker import TierWorker
 from workers.topics import Topics
 
@@ -87,6 +88,68 @@ class TimedTier(TierWorker):
         return self.timing.wrap(records, super().process(records))
 
 
+@dataclass
+class Throughput:
+    """Best events/s of each worker, and per CPU second."""
+
+    passthrough: float
+    tier: float
+    passthrough_cpu: float
+    tier_cpu: float
+
+
+def measure(rows: list[LabelledEvent], events: int, rounds: int, idle_s: float = 10.0, warm_events: int = 3000,
+            verbose: bool = True) -> Throughput:
+    """Both workers over the same ``events`` records on a private Tansu, ``rounds`` times each."""
+    say = print if verbose else (lambda *_: None)
+    broker = start_tansu(None)
+    redis = ensure_redis("redis://127.0.0.1:6379/13")
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    config = load_config(None, task={"labels": sorted(labels_of(rows))}, llm={"name": GPT}, deferral={"mu": 0.3},
+                         kafka={"bootstrap_servers": broker.bootstrap_servers, "topic_prefix": prefix, "partitions": 4},
+                         redis={"url": redis.url, "key_prefix": prefix}, state={"backend": "redis"})
+    try:
+        # A warm tier: the in-process cascade learns from the first events; its snapshots go to the registry.
+        warm = Cascade(config.model_copy(update={"state": config.state.model_copy(update={"backend": "memory"})}))
+        for r in rows[:warm_events]:
+            warm.process([r.event])
+        stage = warm.stages[0]
+        topics = Topics(config)
+        ensure_topics(broker.bootstrap_servers, [*topics.all(), prefix + "passthrough"], 4)
+        producer = make_producer(config.kafka)
+        payloads = []
+        for i in range(events):
+            r = rows[i % len(rows)]
+            payloads.append(OutRecord(topics.events, f"{i}".encode(), json.dumps({**r.event.payload, "id": f"ev{i}"}).encode()))
+        for i in range(0, len(payloads), 2000):
+            produce_and_flush(producer, payloads[i : i + 2000])
+        producer.close()
+        say(f"{events} events on {topics.events} (4 partitions), broker {broker.bootstrap_servers}")
+        results: dict[str, list[float]] = {"passthrough": [], "tier": []}
+        cpu: dict[str, list[float]] = {"passthrough": [], "tier": []}
+        for rnd in range(rounds):
+            for kind in ("passthrough", "tier"):
+                timing = Timing()
+                # A fresh group each round reads the whole topic; a fresh idempotency space too.
+                group_cfg = config.model_copy(update={"redis": config.redis.model_copy(update={"key_prefix": f"{prefix}{rnd}:"})})
+                worker = (PassThrough(group_cfg, f"{prefix}pt{rnd}", timing) if kind == "passthrough"
+                          else TimedTier(group_cfg, timing))
+                if isinstance(worker, TimedTier):
+                    worker.group = f"{prefix}tier{rnd}"
+                    publish_stage(make_state(group_cfg), stage)
+                    worker.follower.poll()
+                worker.run(max_idle_s=idle_s)
+                if timing.count != events:
+                    raise SystemExit(f"{kind} round {rnd}: processed {timing.count} of {events}")
+                results[kind].append(timing.rate())
+                cpu[kind].append(timing.cpu_rate())
+                say(f"round {rnd} {kind:<12} {timing.rate():>9,.0f} events/s   {timing.cpu_rate():>9,.0f} events/CPU-s")
+    finally:
+        broker.stop()
+        redis.stop()
+    return Throughput(max(results["passthrough"]), max(results["tier"]), max(cpu["passthrough"]), max(cpu["tier"]))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -98,61 +161,11 @@ def main() -> int:
         print(f"SKIP: {path} not found (see ../shared/data/README.md)", file=sys.stderr)
         return 0
     configure_logging("console", "WARNING")
-    rows = read_stream(path, shuffle_seed=0)
-    broker = start_tansu(None)
-    redis = ensure_redis("redis://127.0.0.1:6379/13")
-    prefix = f"bench{uuid.uuid4().hex[:6]}."
-    config = load_config(None, task={"labels": sorted(labels_of(rows))}, llm={"name": GPT}, deferral={"mu": 0.3},
-                         kafka={"bootstrap_servers": broker.bootstrap_servers, "topic_prefix": prefix, "partitions": 4},
-                         redis={"url": redis.url, "key_prefix": prefix}, state={"backend": "redis"})
-    try:
-        # A warm tier: the in-process cascade learns from the first 3,000 events; its snapshots go to the registry.
-        warm = Cascade(config.model_copy(update={"state": config.state.model_copy(update={"backend": "memory"})}))
-        for r in rows[:3000]:
-            warm.process([r.event])
-        state = make_state(config)
-        stage = warm.stages[0]
-        for name, model in zip(model_names(stage.tier.name), (stage.tier, stage.policy)):
-            state.publish(name, model.version, model.snapshot())
-        topics = Topics(config)
-        ensure_topics(broker.bootstrap_servers, [*topics.all(), prefix + "passthrough"], 4)
-        producer = make_producer(config.kafka)
-        payloads = []
-        for i in range(args.events):
-            r = rows[i % len(rows)]
-            payloads.append(OutRecord(topics.events, f"{i}".encode(), json.dumps({**r.event.payload, "id": f"ev{i}"}).encode()))
-        for i in range(0, len(payloads), 2000):
-            produce_and_flush(producer, payloads[i : i + 2000])
-        producer.close()
-        print(f"{args.events} events on {topics.events} (4 partitions), broker {broker.bootstrap_servers}")
-        results: dict[str, list[float]] = {"passthrough": [], "tier": []}
-        cpu: dict[str, list[float]] = {"passthrough": [], "tier": []}
-        for rnd in range(args.rounds):
-            for kind in ("passthrough", "tier"):
-                timing = Timing()
-                # A fresh group each round reads the whole topic; a fresh idempotency space too.
-                group_cfg = config.model_copy(update={"redis": config.redis.model_copy(update={"key_prefix": f"{prefix}{rnd}:"})})
-                worker = (PassThrough(group_cfg, f"{prefix}pt{rnd}", timing) if kind == "passthrough"
-                          else TimedTier(group_cfg, timing))
-                if kind == "tier":
-                    worker.group = f"{prefix}tier{rnd}"
-                    for name, model in zip(model_names(stage.tier.name), (stage.tier, stage.policy)):
-                        make_state(group_cfg).publish(name, model.version, model.snapshot())
-                    worker.follower.poll()
-                worker.run(max_idle_s=10.0)
-                if timing.count != args.events:
-                    raise SystemExit(f"{kind} round {rnd}: processed {timing.count} of {args.events}")
-                results[kind].append(timing.rate())
-                cpu[kind].append(timing.cpu_rate())
-                print(f"round {rnd} {kind:<12} {timing.rate():>9,.0f} events/s   {timing.cpu_rate():>9,.0f} events/CPU-s")
-        pt, tier = max(results["passthrough"]), max(results["tier"])
-        pt_cpu, tier_cpu = max(cpu["passthrough"]), max(cpu["tier"])
-        print(f"\nbest of {args.rounds}: pass-through {pt:,.0f} ev/s, tier-1 worker {tier:,.0f} ev/s, "
-              f"ratio {tier / pt:.2f} (target >= 0.5)")
-        print(f"per CPU second:  pass-through {pt_cpu:,.0f}, tier-1 worker {tier_cpu:,.0f}, ratio {tier_cpu / pt_cpu:.2f}")
-    finally:
-        broker.stop()
-        redis.stop()
+    t = measure(read_stream(path, shuffle_seed=0), args.events, args.rounds)
+    print(f"\nbest of {args.rounds}: pass-through {t.passthrough:,.0f} ev/s, tier-1 worker {t.tier:,.0f} ev/s, "
+          f"ratio {t.tier / t.passthrough:.2f} (target >= 0.5)")
+    print(f"per CPU second:  pass-through {t.passthrough_cpu:,.0f}, tier-1 worker {t.tier_cpu:,.0f}, "
+          f"ratio {t.tier_cpu / t.passthrough_cpu:.2f}")
     return 0
 
 

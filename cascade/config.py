@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 CONFIG_ENV = "CASCADE_CONFIG"
 
@@ -219,10 +219,11 @@ def _default_tiers() -> list[TierConfig]:
     return [TierConfig(name="logistic", kind="logistic", cost=1.0)]
 
 
-class CascadeConfig(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="CASCADE_", env_nested_delimiter="__", extra="forbid", validate_default=True
-    )
+class CascadeConfig(BaseModel):
+    """The whole configuration. Built directly it takes exactly the values given; only
+    ``load_config`` reads a file and the environment."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     seed: int = 0
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -243,17 +244,15 @@ class CascadeConfig(BaseSettings):
             raise ValueError("tier names must be unique and must not be 'llm'")
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment beats explicit values (from YAML), so a deployment can override one field.
-        return env_settings, init_settings
+
+class _Environment(BaseSettings, CascadeConfig):
+    """``CASCADE_<SECTION>__<FIELD>`` variables, read by ``load_config`` only."""
+
+    model_config = SettingsConfigDict(env_prefix="CASCADE_", env_nested_delimiter="__", extra="forbid")
+
+
+def _from_environment() -> dict[str, Any]:
+    return EnvSettingsSource(_Environment)()
 
 
 class ConfigError(Exception):
@@ -269,7 +268,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> CascadeConfig:
-    """Load the config from YAML (``path`` or ``$CASCADE_CONFIG``), then the environment."""
+    """Load the config: YAML (``path`` or ``$CASCADE_CONFIG``), then the environment over it, then
+    the explicit ``overrides`` (e.g. command-line flags) over both."""
     path = path or os.environ.get(CONFIG_ENV)
     data: dict[str, Any] = {}
     source = "defaults and environment"
@@ -284,11 +284,13 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> CascadeConf
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         data = loaded
-    data = _deep_merge(data, overrides)
     try:
+        data = _deep_merge(_deep_merge(data, _from_environment()), overrides)
         return CascadeConfig(**data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from e
+    except SettingsError as e:  # an environment value that cannot be parsed (e.g. bad JSON for a list)
+        raise ConfigError(f"invalid configuration (environment): {e}") from e
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
