@@ -293,8 +293,10 @@ class ContractController:
         if self.max_llm_fraction is not None:
             if estimate.events:
                 observed = estimate.window_llm_share + self.audit_rate * (1.0 - estimate.window_llm_share)
-                self.fraction_bias = float(np.clip(self.fraction_bias + 0.2 * (observed - self.max_llm_fraction),
-                                                   -0.2, 0.2))
+                # Small gain: the windowed share lags by up to a window; a fast integral winds up.
+                self.fraction_bias = float(
+                    np.clip(self.fraction_bias + 0.01 * (observed - self.max_llm_fraction), -0.1, 0.1)
+                )
             cap = self.max_llm_fraction - self.fraction_bias
             lam_budget = self._solve(curves, lambda lam: self._predict(curves, lam)[1] <= cap, want_large=False)
         binding, reason = False, "min_agreement" if lam_budget is None else "max_llm_fraction"
