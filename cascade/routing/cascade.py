@@ -14,20 +14,13 @@ from cascade.routing.stage import Action, Stage
 from cascade.state import BudgetRequest, StateStore, cacheable, make_state
 from cascade.state.keys import cache_keys
 from cascade.task import Task
+from cascade.tiers import registry
 from cascade.tiers.base import Tier
 from cascade.tiers.llm import LLMBackend, call_with_retries, make_backend
-from cascade.tiers.logistic import LogisticTier
 
 
 def build_tier(config: CascadeConfig, index: int) -> Tier:
-    tc = config.tiers[index]
-    if tc.kind == "logistic":
-        return LogisticTier(tc, config.task.labels, config.features)
-    if tc.kind == "onnx":
-        from cascade.tiers.onnx import OnnxTier  # onnxruntime sessions and tokenizers load only when used
-
-        return OnnxTier(tc, config.task.labels)
-    raise NotImplementedError(f"tier kind {tc.kind!r} is not available in this build")
+    return registry.build_tier(config.tiers[index], config.task.labels, config.features)
 
 
 def initial_params(config: CascadeConfig) -> LiveParams:

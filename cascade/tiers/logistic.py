@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from river import linear_model, optim
 from scipy import sparse
 
-from cascade.config import FeatureConfig, TierConfig
+from cascade.config import FeatureConfig, LogisticTierConfig
 from cascade.features import HashedNgrams, SparseRows, SparseVector
 from cascade.messages import Event
 from cascade.tiers.base import Tier
@@ -56,7 +57,7 @@ class CompiledWeights:
 class LogisticTier(Tier):
     kind = "logistic"
 
-    def __init__(self, config: TierConfig, labels: Sequence[str], features: FeatureConfig) -> None:
+    def __init__(self, config: LogisticTierConfig, labels: Sequence[str], features: FeatureConfig) -> None:
         super().__init__(config.name, labels, config.cost)
         self.config = config
         self.featurizer = HashedNgrams(features)
