@@ -238,7 +238,7 @@ class OnnxTier(Tier):
         return e / e.sum(axis=1, keepdims=True)
 
     def _learn(self, inputs: Sequence[np.ndarray], labels: Sequence[str]) -> None:
-        rows = [(x, self.index[y]) for x, y in zip(inputs, labels) if y in self.index]
+        rows = [(x, self.index[y]) for x, y in zip(inputs, labels)]
         lr, l2, m = self.config.head_learning_rate, self.config.l2, self.config.head_batch_size
         for start in range(0, len(rows), m):
             chunk = rows[start : start + m]
