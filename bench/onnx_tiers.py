@@ -15,7 +15,7 @@ by the text's sha1 and the encoder's fingerprint); the simulations read them thr
 `embedding_cache`, so the curves cost head + policy time only. Writes bench/out/onnx_tiers.json.
 
 ``--head-ngrams N`` runs the ONNX tier with hashed word uni-/bigrams (N buckets) beside the
-embedding in its head (TierConfig.head_ngrams), and adds that head to the imitation table.
+embedding in its head (OnnxTierConfig.head_ngrams), and adds that head to the imitation table.
 ``--order file`` streams the rows in file order instead of shuffled with seed 0.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from cascade.config import TierConfig, load_config
+from cascade.config import OnnxTierConfig, load_config
 from cascade.evaluation.data import labels_of, read_stream
 from cascade.evaluation.simulate import simulate
 from cascade.tiers.encoders import BUILTIN_ENCODERS, SentenceEncoder, resolve_encoder
@@ -72,7 +72,7 @@ def speed(data_dir: str, encoder: str, n: int = 1000, head: dict[str, Any] | Non
     """Events per second on one core: prepare (tokenise + encode) and predict_proba of a learned head."""
     rows = read_stream(Path(data_dir) / "isear.jsonl.gz", shuffle_seed=0)[:n]
     labels = sorted(labels_of(rows))
-    tier = OnnxTier(TierConfig(name="onnx", kind="onnx", encoder=encoder, threads=1, batch_size=32, **(head or {})), labels)
+    tier = OnnxTier(OnnxTierConfig(name="onnx", encoder=encoder, threads=1, batch_size=32, **(head or {})), labels)
     events = [r.event for r in rows]
     tier.prepare(events[:64])
     start = time.perf_counter()
@@ -100,8 +100,8 @@ def imitation(data_dir: str, dataset: str, llm: str, encoder: str | None, head: 
     if encoder is None:
         tier: Any = LogisticTier(config.tiers[0], labels, config.features)
     else:
-        tier = OnnxTier(TierConfig(name="onnx", kind="onnx", encoder=encoder,
-                                   embedding_cache=cache_path(dataset, encoder), **(head or {})), labels)
+        tier = OnnxTier(OnnxTierConfig(name="onnx", encoder=encoder,
+                                       embedding_cache=cache_path(dataset, encoder), **(head or {})), labels)
     agree = seen = 0
     curve = []
     conf, tier_right, llm_right = [], [], []
@@ -172,7 +172,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--encoder", default=DEFAULT_ENCODER, choices=sorted(BUILTIN_ENCODERS))
     ap.add_argument("--quick", action="store_true", help="skip the encoder comparison; fewer mu values")
-    ap.add_argument("--head-ngrams", type=int, default=0, help="TierConfig.head_ngrams of the ONNX tier (0: embedding only)")
+    ap.add_argument("--head-ngrams", type=int, default=0, help="OnnxTierConfig.head_ngrams of the ONNX tier (0: embedding only)")
     ap.add_argument("--order", choices=["shuffled", "file"], default="shuffled", help="stream order (shuffled: seed 0)")
     ap.add_argument("--out", default=str(OUT / "onnx_tiers.json"))
     args = ap.parse_args()

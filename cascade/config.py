@@ -10,10 +10,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SecretStr,
+    SerializeAsAny,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 CONFIG_ENV = "CASCADE_CONFIG"
@@ -45,7 +57,7 @@ class TaskConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _labels_unique(self) -> "TaskConfig":
+    def _labels_unique(self) -> TaskConfig:
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
         unknown = {v for v in self.label_aliases.values() if v not in self.labels} | (
@@ -70,16 +82,29 @@ class FeatureConfig(_Section):
 
 
 class TierConfig(_Section):
+    """What every cheap tier has; each kind's own fields are in its model (``tier_config_model``)."""
+
     name: str
-    kind: Literal["logistic", "onnx"] = "logistic"
+    kind: str = "logistic"
     cost: float = Field(1.0, ge=0, description="cost of one call, in the same unit as the LLM's cost")
+    warmup_demonstrations: int | None = Field(None, ge=0, description="overrides deferral.warmup")
+
+
+class LogisticTierConfig(TierConfig):
+    """Kind "logistic": online softmax regression over the hashed n-grams of ``features``."""
+
+    kind: Literal["logistic"] = "logistic"
     # AdaGrad's per-feature step sizes suit sparse text: on ISEAR it imitates the LLM as well
     # from one pass as SGD does with four rehearsals of every demonstration (docs/benchmarks.md).
     optimizer: Literal["adagrad", "sgd"] = "adagrad"
     learning_rate: float = Field(1.0, gt=0)
     l2: float = Field(0.0, ge=0)
-    warmup_demonstrations: int | None = Field(None, ge=0, description="overrides deferral.warmup")
-    # kind "onnx": a sentence encoder run with onnxruntime, and a softmax head learned online.
+
+
+class OnnxTierConfig(TierConfig):
+    """Kind "onnx": a sentence encoder run with onnxruntime, and a softmax head learned online."""
+
+    kind: Literal["onnx"] = "onnx"
     encoder: str = Field("minilm-l6-int8", description="built-in ONNX encoder (cascade/tiers/encoders.py)")
     encoder_path: Path | None = Field(None, description="any ONNX sentence encoder; overrides encoder")
     tokenizer_path: Path | None = Field(None, description="its tokenizer.json; default: the packaged one")
@@ -95,9 +120,31 @@ class TierConfig(_Section):
         "beside the embedding; 0: the embedding only",
     )
     head_ngram_learning_rate: float = Field(0.5, gt=0, description="AdaGrad step of the head's n-gram weights")
+    l2: float = Field(0.0, ge=0, description="L2 penalty on the head's embedding weights")
     embedding_cache: Path | None = Field(
         None, description="optional .npz of precomputed embeddings (benchmarks); misses are computed"
     )
+
+
+def _tier_config_by_kind(value: Any) -> TierConfig:
+    """A tier entry validated by the model its ``kind`` registered (cascade/tiers/registry.py),
+    so that a user's own kind validates too and a field of another kind is named as unknown."""
+    from cascade.tiers.registry import tier_config_model
+
+    if isinstance(value, TierConfig):
+        value = value.model_dump()
+    kind = value.get("kind", "logistic") if isinstance(value, dict) else "logistic"
+    try:
+        model = tier_config_model(str(kind))
+    except ValueError as e:
+        raise ValidationError.from_exception_data(
+            "TierConfig", [InitErrorDetails(type=PydanticCustomError("tier_kind", str(e)), loc=("kind",), input=kind)]
+        ) from None
+    return model.model_validate(value)
+
+
+# SerializeAsAny: dumps carry each kind's own fields, not only the base's.
+AnyTierConfig = Annotated[SerializeAsAny[TierConfig], PlainValidator(_tier_config_by_kind)]
 
 
 class DeferralConfig(_Section):
@@ -120,14 +167,14 @@ class DeferralConfig(_Section):
     threshold_overrides: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _exploration_order(self) -> "DeferralConfig":
+    def _exploration_order(self) -> DeferralConfig:
         if self.exploration_min > self.exploration_max:
             raise ValueError("exploration_min must not exceed exploration_max")
         return self
 
 
 class LLMConfig(_Section):
-    backend: Literal["recorded", "openai"] = "recorded"
+    backend: str = Field("recorded", description="a registered LLM backend: recorded, openai, or one's own")
     name: str = Field("gpt-3.5-turbo-1106", description="model name; for recorded answers, the key in the event's llm map")
     cost: float = Field(100.0, gt=0, description="cost of one call, same unit as tier costs")
     recorded_path: Path | None = Field(None, description="file with recorded answers (ids → answers)")
@@ -161,6 +208,15 @@ class LLMConfig(_Section):
     circuit_open_s: float = Field(30.0, gt=0, description="seconds the open circuit refuses calls")
     max_retry_after_s: float = Field(60.0, ge=0, description="cap on a server's Retry-After")
 
+    @field_validator("backend")
+    @classmethod
+    def _backend_registered(cls, backend: str) -> str:
+        from cascade.tiers.registry import backend_kinds
+
+        if backend not in backend_kinds():
+            raise ValueError(f"unknown LLM backend {backend!r}; registered: {', '.join(backend_kinds())}")
+        return backend
+
     @field_serializer("api_key")
     def _no_key_in_dumps(self, key: SecretStr | None) -> None:
         # Dumps (cascade run writes the config for its workers) never carry the key; the
@@ -179,7 +235,7 @@ class KafkaConfig(_Section):
     max_event_bytes: int = Field(100_000, gt=0)
 
     @model_validator(mode="after")
-    def _heartbeat_below_session(self) -> "KafkaConfig":
+    def _heartbeat_below_session(self) -> KafkaConfig:
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
         return self
@@ -216,7 +272,7 @@ class ServerConfig(_Section):
 
 
 def _default_tiers() -> list[TierConfig]:
-    return [TierConfig(name="logistic", kind="logistic", cost=1.0)]
+    return [LogisticTierConfig(name="logistic", cost=1.0)]
 
 
 class CascadeConfig(BaseModel):
@@ -228,7 +284,7 @@ class CascadeConfig(BaseModel):
     seed: int = 0
     task: TaskConfig = Field(default_factory=TaskConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
-    tiers: list[TierConfig] = Field(default_factory=_default_tiers, min_length=1)
+    tiers: list[AnyTierConfig] = Field(default_factory=_default_tiers, min_length=1)
     deferral: DeferralConfig = Field(default_factory=DeferralConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
@@ -238,7 +294,7 @@ class CascadeConfig(BaseModel):
     server: ServerConfig = Field(default_factory=ServerConfig)
 
     @model_validator(mode="after")
-    def _tier_names_unique(self) -> "CascadeConfig":
+    def _tier_names_unique(self) -> CascadeConfig:
         names = [t.name for t in self.tiers]
         if len(set(names)) != len(names) or "llm" in names:
             raise ValueError("tier names must be unique and must not be 'llm'")

@@ -8,19 +8,12 @@ from cascade.config import CascadeConfig
 from cascade.deferral.policy import DeferralPolicy
 from cascade.messages import LiveParams
 from cascade.routing.stage import Stage
+from cascade.tiers import registry
 from cascade.tiers.base import Tier
-from cascade.tiers.logistic import LogisticTier
 
 
 def build_tier(config: CascadeConfig, index: int) -> Tier:
-    tc = config.tiers[index]
-    if tc.kind == "logistic":
-        return LogisticTier(tc, config.task.labels, config.features)
-    if tc.kind == "onnx":
-        from cascade.tiers.onnx import OnnxTier  # onnxruntime sessions and tokenizers load only when used
-
-        return OnnxTier(tc, config.task.labels)
-    raise NotImplementedError(f"tier kind {tc.kind!r} is not available in this build")
+    return registry.build_tier(config.tiers[index], config.task.labels, config.features)
 
 
 def initial_params(config: CascadeConfig) -> LiveParams:

@@ -66,6 +66,9 @@ class Tier(ABC):
     def learn(self, inputs: Sequence[Any], labels: Sequence[str]) -> None:
         if len(inputs) != len(labels):
             raise ValueError("inputs and labels differ in length")
+        unknown = set(labels).difference(self.labels)
+        if unknown:  # refused, not skipped: version must count exactly the demonstrations learned
+            raise ValueError(f"labels {sorted(unknown)} are not in the tier's label set {self.labels}")
         self._learn(inputs, labels)
         self.version += len(labels)
 

@@ -7,13 +7,13 @@ import json
 import random
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from cascade.config import LLMConfig
 from cascade.messages import Event, LLMAnswer
 from cascade.task import Task
-
+from cascade.tiers.registry import build_backend
 
 CIRCUIT_OPEN = "circuit_open"  # the reason of a call refused by an open circuit breaker
 
@@ -81,13 +81,8 @@ class RecordedAnswers(LLMBackend):
 
 
 def make_backend(task: Task, config: LLMConfig) -> LLMBackend:
-    if config.backend == "recorded":
-        return RecordedAnswers(task, config)
-    if config.backend == "openai":
-        from cascade.tiers.openai_compat import OpenAIBackend
-
-        return OpenAIBackend(task, config)
-    raise NotImplementedError(f"LLM backend {config.backend!r} is not available in this build")
+    """A new backend of ``config.backend``, one of the registered kinds (cascade/tiers/registry.py)."""
+    return build_backend(task, config)
 
 
 def call_with_retries(

@@ -19,14 +19,15 @@ carries them as initializers. On ISEAR it imitates the LLM better than the embed
 from __future__ import annotations
 
 import hashlib
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from cascade.config import FeatureConfig, TierConfig
+from cascade.config import FeatureConfig, OnnxTierConfig
 from cascade.features import HashedNgrams
 from cascade.messages import Event
 from cascade.tiers.base import SnapshotError, Tier
@@ -117,7 +118,7 @@ def text_key(text: str) -> str:
 class OnnxTier(Tier):
     kind = "onnx"
 
-    def __init__(self, config: TierConfig, labels: Sequence[str], encoder: SentenceEncoder | None = None) -> None:
+    def __init__(self, config: OnnxTierConfig, labels: Sequence[str], encoder: SentenceEncoder | None = None) -> None:
         super().__init__(config.name, labels, config.cost)
         self.config = config
         if encoder is None:
@@ -237,7 +238,7 @@ class OnnxTier(Tier):
         return e / e.sum(axis=1, keepdims=True)
 
     def _learn(self, inputs: Sequence[np.ndarray], labels: Sequence[str]) -> None:
-        rows = [(x, self.index[y]) for x, y in zip(inputs, labels) if y in self.index]
+        rows = [(x, self.index[y]) for x, y in zip(inputs, labels)]
         lr, l2, m = self.config.head_learning_rate, self.config.l2, self.config.head_batch_size
         for start in range(0, len(rows), m):
             chunk = rows[start : start + m]

@@ -55,3 +55,77 @@ def test_unreadable_and_malformed_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_tiers_validate_by_kind_and_dump_every_kinds_fields():
+    from cascade.config import CascadeConfig, LogisticTierConfig, OnnxTierConfig
+
+    config = CascadeConfig(tiers=[{"name": "lr", "l2": 0.1}, {"name": "enc", "kind": "onnx", "threads": 2}])
+    assert [type(t) for t in config.tiers] == [LogisticTierConfig, OnnxTierConfig]  # kind "logistic" by default
+    dumped = config.model_dump()
+    assert dumped["tiers"][0]["l2"] == 0.1 and dumped["tiers"][1]["threads"] == 2
+    assert CascadeConfig(**dumped) == config
+    assert CascadeConfig.model_validate_json(config.model_dump_json()) == config
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "field"),
+    [
+        ("tiers:\n  - name: lr\n    encoder: minilm-l6-int8\n", "tiers.0.encoder"),  # an ONNX field
+        ("tiers:\n  - name: enc\n    kind: onnx\n    optimizer: sgd\n", "tiers.0.optimizer"),
+        ("tiers:\n  - name: x\n    kind: forest\n", "tiers.0.kind"),
+        ("llm:\n  backend: telepathy\n", "llm.backend"),
+    ],
+)
+def test_a_field_of_another_kind_or_an_unknown_kind_is_named(tmp_path, yaml_text, field):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"  {field}:" in str(err.value)
+
+
+def test_a_registered_kind_validates_and_builds(monkeypatch):
+    from typing import Literal
+
+    from cascade.config import CascadeConfig, FeatureConfig, TierConfig
+    from cascade.routing.cascade import build_tier
+    from cascade.tiers import registry
+    from cascade.tiers.llm import RecordedAnswers, make_backend
+
+    class ConstantConfig(TierConfig):
+        kind: Literal["constant"] = "constant"
+        label: str
+
+    built = []
+
+    def make(config: ConstantConfig, labels: list[str], features: FeatureConfig) -> object:
+        built.append((config.label, labels))
+        return built
+
+    monkeypatch.setattr(registry, "_TIERS", dict(registry._TIERS))
+    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
+    registry.register_tier("constant", ConstantConfig, make)
+    with pytest.raises(ValueError, match="registered already"):
+        registry.register_tier("constant", ConstantConfig, make)
+    registry.register_backend("echo", RecordedAnswers)
+    assert registry.tier_kinds() == ("logistic", "onnx", "constant")
+    config = CascadeConfig(task={"labels": ["a", "b"]}, llm={"backend": "echo"},
+                           tiers=[{"name": "c", "kind": "constant", "label": "a"}])
+    assert build_tier(config, 0) is built and built == [("a", ["a", "b"])]
+    assert CascadeConfig(**config.model_dump()).tiers[0] == ConstantConfig(name="c", label="a")
+    from cascade.task import Task
+
+    assert isinstance(make_backend(Task(config.task), config.llm), RecordedAnswers)
+    with pytest.raises(ValueError, match=r"tiers\.0\.label"):
+        CascadeConfig(tiers=[{"name": "c", "kind": "constant"}])  # label is required
+
+
+def test_an_onnx_config_validates_without_the_onnx_tier(monkeypatch):
+    import sys
+
+    from cascade.config import CascadeConfig
+
+    monkeypatch.setitem(sys.modules, "cascade.tiers.onnx", None)  # importing it would fail
+    config = CascadeConfig(tiers=[{"name": "enc", "kind": "onnx"}])
+    assert config.tiers[0].kind == "onnx"

@@ -5,7 +5,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from cascade.config import CascadeConfig, TierConfig
+from cascade.config import CascadeConfig, OnnxTierConfig
 from cascade.routing.build import build_tier
 from cascade.routing.cascade import Cascade
 from cascade.tiers.base import SnapshotError
@@ -18,7 +18,7 @@ LABELS = ["fear", "joy"]
 
 @pytest.fixture(scope="module")
 def tier_config():
-    return TierConfig(name="onnx", kind="onnx", cost=5.0, head_learning_rate=0.5)
+    return OnnxTierConfig(name="onnx", cost=5.0, head_learning_rate=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_build_tier_and_a_three_tier_cascade_runs():
 
 @pytest.fixture(scope="module")
 def ngram_config():
-    return TierConfig(name="onnx", kind="onnx", cost=5.0, head_ngrams=2**12)
+    return OnnxTierConfig(name="onnx", cost=5.0, head_ngrams=2**12)
 
 
 def test_the_ngram_head_equals_the_numpy_math_and_the_served_graph(ngram_config, encoder):
@@ -198,6 +198,6 @@ def test_ngram_head_snapshot_round_trip(ngram_config, encoder):
     assert np.array_equal(restored.predict_proba(inputs[100:]), tier.predict_proba(inputs[100:]))
     # A head with an n-gram table cannot restore into a tier without one, nor the reverse.
     with pytest.raises(SnapshotError):
-        fresh(TierConfig(name="onnx", kind="onnx"), encoder).restore(tier.snapshot())
+        fresh(OnnxTierConfig(name="onnx"), encoder).restore(tier.snapshot())
     with pytest.raises(SnapshotError):
-        OnnxTier(ngram_config, LABELS, encoder=encoder).restore(fresh(TierConfig(name="onnx", kind="onnx"), encoder).snapshot())
+        OnnxTier(ngram_config, LABELS, encoder=encoder).restore(fresh(OnnxTierConfig(name="onnx"), encoder).snapshot())

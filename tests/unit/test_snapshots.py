@@ -49,20 +49,40 @@ def test_snapshot_mismatches_are_refused(trained):
 
 
 def test_compiled_batch_scoring_equals_river(trained):
-    from cascade.tiers.logistic import _COMPILE_FROM
+    from cascade.tiers.logistic import _COMPILE_FROM, CompiledWeights
 
-    tier = trained.stages[0].tier
+    tier = copy.deepcopy(trained.stages[0].tier)  # its compiled copy changes below; the fixture is shared
     events = [e for e, _ in easy_and_hard(_COMPILE_FROM * 3, seed=13)]
     inputs = list(tier.prepare(events))  # the batch's rows, as river reads them
     learned = set().union(*(w.keys() for w in tier.model.weights.values()))
     unlearned = next(b for b in range(2**16) if b not in learned)
     inputs.append({unlearned: 1.0, -1: 1.0})  # no known feature but the bias: still a distribution
-    batch = tier.predict_proba(inputs)  # compiled
-    one_by_one = np.vstack([tier.predict_proba([x]) for x in inputs])  # river, until the compiled copy is current
     tier._compiled = None
-    river = np.vstack([tier.predict_proba([x]) for x in inputs])
-    assert np.allclose(batch, river, atol=1e-12) and np.allclose(one_by_one, river, atol=1e-12)
-    assert np.allclose(batch.sum(axis=1), 1.0)
+    river = np.vstack([tier.predict_proba([x]) for x in inputs])  # small batches: river, never compiled
+    assert tier._compiled is None
+    compiled = CompiledWeights(tier.model, tier.labels, tier.featurizer.config.n_features, tier.version)
+    assert np.allclose(compiled.predict_proba(inputs), river, atol=1e-12)
+    assert np.allclose(river.sum(axis=1), 1.0)
+
+
+def test_large_batches_compile_once_river_would_have_paid_for_it(trained, monkeypatch):
+    from cascade.tiers import logistic
+
+    monkeypatch.setattr(logistic, "_WEIGHTS_PER_EVENT", 1)  # a dear copy: several batches pay for it
+    tier = copy.deepcopy(trained.stages[0].tier)
+    tier._compiled, tier._last_version = None, -1
+    weights = sum(len(w) for w in tier.model.weights.values())
+    batches_to_pay = -(-weights // logistic._COMPILE_FROM)  # ceil
+    assert batches_to_pay > 1
+    inputs = tier.prepare([e for e, _ in easy_and_hard(logistic._COMPILE_FROM, seed=14)])
+    for _ in range(batches_to_pay - 1):
+        tier.predict_proba(inputs)
+    assert tier._compiled is None
+    tier.predict_proba(inputs)
+    assert tier._compiled is not None and tier._compiled.version == tier.version
+    tier.learn([inputs[0]], ["joy"])  # the copy is stale now: river again until it pays anew
+    tier.predict_proba(inputs)
+    assert tier._compiled.version == tier.version - 1
 
 
 def test_policy_batch_p_agree_equals_river(trained):
