@@ -105,8 +105,10 @@ def decode_snapshot(blob: bytes, kind: str) -> tuple[int, Any]:
     view = memoryview(blob)
     if view[: len(_PICKLE_MAGIC)] == _PICKLE_MAGIC:
         raise SnapshotError("refusing a pickled snapshot (format CSNAP1): republish it with this version's learner")
-    if len(view) < _HEADER.size or view[: len(_MAGIC)] != _MAGIC:
+    if view[: len(_MAGIC)] != _MAGIC:
         raise SnapshotError("not a cascade snapshot")
+    if len(view) < _HEADER.size:
+        raise SnapshotError(f"snapshot truncated within its {_HEADER.size}-byte header")
     _, schema, length, digest = _HEADER.unpack_from(view)
     if schema != SCHEMA_VERSION:
         raise SnapshotError(f"snapshot schema version {schema} is not the one this code reads ({SCHEMA_VERSION})")
