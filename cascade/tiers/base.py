@@ -57,7 +57,8 @@ class Tier(ABC):
     def restore(self, blob: bytes) -> None:
         version, state = decode_snapshot(blob, self.kind)
         labels = field(state, "labels", list)
-        if labels != self.labels:
+        # str first: == against a list holding an array raises ValueError, not SnapshotError.
+        if not all(isinstance(label, str) for label in labels) or labels != self.labels:
             raise SnapshotError(f"snapshot labels {labels} differ from the task's {self.labels}")
         self._load_state(field(state, "model", dict))
         self.version = version
