@@ -22,11 +22,14 @@ from cascade.snapshots import SnapshotError, array, count, field, number
 _OPTIMIZERS: dict[str, type[optim.base.Optimizer]] = {"AdaGrad": optim.AdaGrad, "SGD": optim.SGD}
 
 
+_INT32 = np.iinfo(np.int32)
+
+
 def _sparse(d: dict[Any, Any]) -> dict[str, np.ndarray]:
-    return {
-        "keys": np.fromiter(d.keys(), dtype=np.int64, count=len(d)),
-        "values": np.fromiter(d.values(), dtype=np.float64, count=len(d)),
-    }
+    keys = np.fromiter(d.keys(), dtype=np.int64, count=len(d))
+    if len(keys) and _INT32.min <= keys.min() and keys.max() <= _INT32.max:
+        keys = keys.astype(np.int32)  # hash buckets fit: the logistic tier's snapshot a quarter smaller
+    return {"keys": keys, "values": np.fromiter(d.values(), dtype=np.float64, count=len(d))}
 
 
 def _sparse_items(tree: Any, key: str) -> list[tuple[int, float]]:
