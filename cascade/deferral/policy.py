@@ -10,14 +10,27 @@ the events the tier answers; drift in the agreement stream (ADWIN) resets it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from river import drift, linear_model, optim
 
 from cascade.config import DeferralConfig
-from cascade.tiers.base import decode_snapshot, encode_snapshot
+from cascade.river_state import (
+    adwin_from_state,
+    adwin_state,
+    logistic_from_state,
+    logistic_state,
+)
+from cascade.snapshots import (
+    SnapshotError,
+    count,
+    decode_snapshot,
+    encode_snapshot,
+    field,
+)
 
 
 @dataclass
@@ -98,13 +111,13 @@ class DeferralPolicy:
         return float(self.adwin.estimation)
 
     # -- snapshots ------------------------------------------------------------------------
+    _COUNTERS = ("demonstrations", "since_drift", "drifts")
+
     def _state(self) -> dict[str, Any]:
         return {
-            "model": self.model,
-            "adwin": self.adwin,
-            "demonstrations": self.demonstrations,
-            "since_drift": self.since_drift,
-            "drifts": self.drifts,
+            "model": logistic_state(self.model),
+            "adwin": adwin_state(self.adwin),
+            **{name: getattr(self, name) for name in self._COUNTERS},
         }  # not defer_cost: it follows the routing of the stages above, wherever this policy runs
 
     def snapshot(self) -> bytes:
@@ -112,9 +125,15 @@ class DeferralPolicy:
 
     def restore(self, blob: bytes) -> None:
         version, state = decode_snapshot(blob, self.kind)
-        if state.pop("tier") != self.tier:
-            raise ValueError(f"snapshot is not of the policy of tier {self.tier!r}")
-        for key, value in state.items():
-            setattr(self, key, value)
+        tier = field(state, "tier", str)
+        if tier != self.tier:
+            raise SnapshotError(f"snapshot of the policy of tier {tier!r} cannot restore that of {self.tier!r}")
+        # Everything is read before anything is assigned: a refused snapshot changes nothing.
+        model = logistic_from_state(field(state, "model", dict))
+        adwin = adwin_from_state(field(state, "adwin", dict))
+        counters = {name: count(state, name) for name in self._COUNTERS}
+        self.model, self.adwin = model, adwin
+        for name, value in counters.items():
+            setattr(self, name, value)
         self.version = version
         self._weights = None

@@ -1,34 +1,14 @@
-"""The common interface of the cheap tiers, and their snapshot format."""
+"""The common interface of the cheap tiers (their snapshot format: cascade/snapshots.py)."""
 
 from __future__ import annotations
 
-import pickle
 from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
 import numpy as np
 
 from cascade.messages import Event
-
-_MAGIC = b"CSNAP1"
-
-
-class SnapshotError(ValueError):
-    pass
-
-
-def encode_snapshot(kind: str, version: int, state: Any) -> bytes:
-    """Snapshots are pickles with a header; they are only ever read from our own model registry."""
-    return _MAGIC + pickle.dumps({"kind": kind, "version": version, "state": state}, protocol=5)
-
-
-def decode_snapshot(blob: bytes, kind: str) -> tuple[int, Any]:
-    if not blob.startswith(_MAGIC):
-        raise SnapshotError("not a cascade snapshot")
-    body = pickle.loads(blob[len(_MAGIC) :])
-    if body.get("kind") != kind:
-        raise SnapshotError(f"snapshot of a {body.get('kind')!r} cannot restore a {kind!r}")
-    return int(body["version"]), body["state"]
+from cascade.snapshots import SnapshotError, decode_snapshot, encode_snapshot, field
 
 
 class Tier(ABC):
@@ -58,10 +38,12 @@ class Tier(ABC):
     def _learn(self, inputs: Sequence[Any], labels: Sequence[str]) -> None: ...
 
     @abstractmethod
-    def _state(self) -> Any: ...
+    def _state(self) -> Any:
+        """The model as snapshot data (cascade/snapshots.py): enough to go on learning."""
 
     @abstractmethod
-    def _load_state(self, state: Any) -> None: ...
+    def _load_state(self, state: Any) -> None:
+        """Take ``_state``'s tree; on anything unfit raise SnapshotError having changed nothing."""
 
     def learn(self, inputs: Sequence[Any], labels: Sequence[str]) -> None:
         if len(inputs) != len(labels):
@@ -77,7 +59,9 @@ class Tier(ABC):
 
     def restore(self, blob: bytes) -> None:
         version, state = decode_snapshot(blob, self.kind)
-        if state["labels"] != self.labels:
-            raise SnapshotError(f"snapshot labels {state['labels']} differ from the task's {self.labels}")
-        self._load_state(state["model"])
+        labels = field(state, "labels", list)
+        # str first: == against a list holding an array raises ValueError, not SnapshotError.
+        if not all(isinstance(label, str) for label in labels) or labels != self.labels:
+            raise SnapshotError(f"snapshot labels {labels} differ from the task's {self.labels}")
+        self._load_state(field(state, "model", dict))
         self.version = version

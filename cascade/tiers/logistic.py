@@ -12,7 +12,8 @@ from scipy import sparse
 from cascade.config import FeatureConfig, LogisticTierConfig
 from cascade.features import HashedNgrams, SparseRows, SparseVector
 from cascade.messages import Event
-from cascade.tiers.base import Tier
+from cascade.river_state import softmax_from_state, softmax_state
+from cascade.tiers.base import SnapshotError, Tier
 
 _BIAS = -1  # a bucket no hash produces: river's softmax regression has no intercept of its own
 # Batches this large are featurised in numpy and may be scored with a compiled numpy copy of the
@@ -110,9 +111,17 @@ class LogisticTier(Tier):
             self.model.learn_one(x, y)
 
     def _state(self) -> Any:
-        return self.model
+        return softmax_state(self.model)
 
     def _load_state(self, state: Any) -> None:
-        self.model = state
+        model = softmax_from_state(state)
+        n_features = self.featurizer.config.n_features
+        for label, weights in model.weights.items():
+            # Both would fail only later, in predict_proba: an unknown label, a bucket past the table.
+            if label not in self.labels:
+                raise SnapshotError(f"snapshot model has weights for {label!r}, not a label of the task")
+            if weights and not (_BIAS <= min(weights) and max(weights) < n_features):
+                raise SnapshotError(f"snapshot model has buckets outside [{_BIAS}, {n_features})")
+        self.model = model
         self._compiled = None  # the version may not change on a rollback
         self._last_version = -1

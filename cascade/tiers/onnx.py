@@ -3,17 +3,16 @@
 ``prepare`` embeds each event once (batched; the encoder of ``cascade/tiers/encoders.py``), and
 the embedding is what prediction, the deferral policy and learning reuse. The head is a softmax
 regression over the embedding, learned from LLM demonstrations in mini-batches with AdaGrad in
-numpy. Its snapshot is an ONNX graph (MatMul + Add + Softmax) built with the ``onnx`` helper
-API, so whoever serves the tier runs the head in onnxruntime only; ``predict_proba`` runs that
-same graph, re-building its session only when the head has learned since.
+numpy. ``predict_proba`` runs it as an ONNX graph (MatMul + Add + Softmax) built with the ``onnx``
+helper API, so whoever serves the tier runs the head in onnxruntime only, re-building its session
+only when the head has learned since. Its snapshot holds the weights and AdaGrad sums as arrays.
 
 With ``head_ngrams`` > 0 the head also reads the text's hashed word uni- and bigrams (a sparse
 linear part beside the embedding, its own AdaGrad step): the tier's input is then
 ``NgramInput`` (embedding, bucket ids, values) and the graph adds a Gather over the n-gram weight
 table (``ngram_ids``, ``ngram_vals``: batch × n-grams, padded with value 0). In-process the
-weights are fed to that graph as inputs, so learning never rebuilds its session; the snapshot
-carries them as initializers. On ISEAR it imitates the LLM better than the embedding alone
-(docs/benchmarks.md, ONNX section).
+weights are fed to that graph as inputs, so learning never rebuilds its session. On ISEAR it
+imitates the LLM better than the embedding alone (docs/benchmarks.md, ONNX section).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from cascade.config import FeatureConfig, OnnxTierConfig
 from cascade.features import HashedNgrams
 from cascade.messages import Event
+from cascade.snapshots import array, field
 from cascade.tiers.base import SnapshotError, Tier
 from cascade.tiers.encoders import SentenceEncoder, resolve_encoder, session_options
 
@@ -99,16 +99,6 @@ def head_model(
     model.ir_version = 8  # readable by every onnxruntime >= 1.14
     onnx.checker.check_model(model)
     return model
-
-
-def head_weights(model_bytes: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """W, b and the n-gram table Wn (None for a head over the embedding only)."""
-    model = onnx.load_from_string(model_bytes)
-    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    if set(init) not in ({"W", "b"}, {"W", "b", "Wn", "axis1", "axis2"}):
-        raise SnapshotError(f"not a softmax head: initializers {sorted(init)}")
-    wn = init["Wn"].astype(np.float32) if "Wn" in init else None
-    return init["W"].astype(np.float32), init["b"].astype(np.float32), wn
 
 
 def text_key(text: str) -> str:
@@ -276,24 +266,22 @@ class OnnxTier(Tier):
     # -- snapshots ---------------------------------------------------------------------------
 
     def _state(self) -> Any:
-        return {
-            "encoder": self.encoder.fingerprint,
-            "head_onnx": self.head_bytes(),
-            "adagrad": (self.G_W.copy(), self.G_b.copy()),  # for a learner that restores and goes on
-            **({"adagrad_ngrams": self.G_Wn.copy()} if self.G_Wn is not None else {}),
-        }
+        # Arrays, not the ONNX graph: restoring never parses protobuf (whose tensors may name
+        # external files to read) from the registry, and the tier builds its graph itself.
+        state = {"encoder": self.encoder.fingerprint, "W": self.W, "b": self.b, "G_W": self.G_W, "G_b": self.G_b}
+        if self.Wn is not None:
+            state.update(Wn=self.Wn, G_Wn=self.G_Wn)
+        return state
 
     def _load_state(self, state: Any) -> None:
-        if state["encoder"] != self.encoder.fingerprint:
-            raise SnapshotError(f"snapshot of a head over {state['encoder']} cannot serve {self.encoder.fingerprint}")
-        W, b, Wn = head_weights(state["head_onnx"])
-        if W.shape != self.W.shape:
-            raise SnapshotError(f"head shape {W.shape} differs from {self.W.shape}")
-        if (Wn is None) != (self.Wn is None) or (Wn is not None and Wn.shape != self.Wn.shape):  # type: ignore[union-attr]
-            raise SnapshotError(f"head n-gram table {None if Wn is None else Wn.shape} does not fit this tier's "
+        encoder = field(state, "encoder", str)
+        if encoder != self.encoder.fingerprint:
+            raise SnapshotError(f"snapshot of a head over {encoder} cannot serve {self.encoder.fingerprint}")
+        if ("Wn" in state) != (self.Wn is not None):
+            raise SnapshotError(f"snapshot head {'has' if 'Wn' in state else 'lacks'} an n-gram table; this tier's "
                                 f"head_ngrams={self.config.head_ngrams}")
-        self.W, self.b = W, b
-        self.G_W, self.G_b = (a.astype(np.float32).copy() for a in state["adagrad"])
-        if Wn is not None:
-            self.Wn, self.G_Wn = Wn, state["adagrad_ngrams"].astype(np.float32).copy()
+        arrays = {name: array(state, name, "f", getattr(self, name).shape).astype(np.float32)
+                  for name in ("W", "b", "G_W", "G_b", *(("Wn", "G_Wn") if self.Wn is not None else ()))}
+        for name, value in arrays.items():
+            setattr(self, name, value)
         self._session = None
