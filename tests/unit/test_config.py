@@ -89,7 +89,7 @@ def test_a_registered_kind_validates_and_builds(monkeypatch):
     from typing import Literal
 
     from cascade.config import CascadeConfig, FeatureConfig, TierConfig
-    from cascade.routing.cascade import build_tier
+    from cascade.routing.build import build_tier
     from cascade.tiers import registry
     from cascade.tiers.llm import RecordedAnswers, make_backend
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cascade.config import TierConfig
+from cascade.config import LogisticTierConfig, OnnxTierConfig
 from cascade.deferral.policy import DeferralPolicy
 from cascade.routing.cascade import Cascade
 from cascade.snapshots import SCHEMA_VERSION, decode_snapshot, encode_snapshot
@@ -128,11 +128,11 @@ class StubEncoder:
 
 
 def logistic_tier(optimizer: str = "adagrad") -> LogisticTier:
-    return LogisticTier(TierConfig(name="logistic", optimizer=optimizer, l2=1e-4), LABELS, make_config().features)
+    return LogisticTier(LogisticTierConfig(name="logistic", optimizer=optimizer, l2=1e-4), LABELS, make_config().features)
 
 
 def onnx_tier(head_ngrams: int = 0) -> OnnxTier:
-    config = TierConfig(name="onnx", kind="onnx", head_ngrams=head_ngrams)
+    config = OnnxTierConfig(name="onnx", kind="onnx", head_ngrams=head_ngrams)
     return OnnxTier(config, LABELS, encoder=StubEncoder())  # type: ignore[arg-type]
 
 
