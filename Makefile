@@ -6,7 +6,7 @@ DATA   ?= ../shared/data
 LLM    ?= gpt-3.5-turbo-1106
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo simulate test test-unit bench clean
+.PHONY: install demo simulate test test-unit lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,14 @@ simulate: install
 
 # Unit, integration (real Tansu broker and real Redis, started by the test fixtures when absent)
 # and end-to-end tests. pytest exits 5 when it collected no test: make fails on it like any error.
-test: install local-llm
+test: install local-llm lint
 	$(BIN)/python -m pytest -q
+	$(BIN)/python bench/smoke.py --data-dir $(DATA)
+
+# ruff and mypy, configured in pyproject.toml.
+lint: install
+	$(BIN)/ruff check cascade workers devtools bench tests
+	$(BIN)/mypy
 
 test-unit: install
 	$(BIN)/python -m pytest -q tests/unit

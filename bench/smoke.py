@@ -26,13 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from river import linear_model, optim  # noqa: E402
 
+from bench.worker_throughput import measure  # noqa: E402
 from cascade.config import CascadeConfig, load_config  # noqa: E402
 from cascade.evaluation.data import LabelledEvent, labels_of, read_stream  # noqa: E402
 from cascade.evaluation.simulate import simulate  # noqa: E402
 from cascade.features import HashedNgrams  # noqa: E402
 from cascade.logging import configure_logging  # noqa: E402
-
-from bench.worker_throughput import measure  # noqa: E402
 
 GPT = "gpt-3.5-turbo-1106"
 SIMULATE_FLOOR, STEP_FLOOR = 0.4, 0.25
@@ -79,7 +78,7 @@ def main() -> int:
     ours, bare = simulate_ratio(rows)
     sim = ours / bare
     print(f"simulate {ours:,.0f} ev/s, bare river loop {bare:,.0f} ev/s: ratio {sim:.2f} (floor {SIMULATE_FLOOR})")
-    t = measure(rows, events=args.worker_events, rounds=1, idle_s=8.0, warm_events=len(rows) // 2, verbose=False)
+    t = measure(rows, events=args.worker_events, rounds=2, idle_s=8.0, warm_events=len(rows) // 2, verbose=False)
     step = t.tier_cpu / t.passthrough_cpu
     print(f"tier worker {t.tier_cpu:,.0f} ev/CPU-s, pass-through worker {t.passthrough_cpu:,.0f} ev/CPU-s: "
           f"ratio {step:.2f} (floor {STEP_FLOOR})")

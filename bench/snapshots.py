@@ -22,6 +22,7 @@ from pathlib import Path
 from cascade.config import load_config
 from cascade.evaluation.data import labels_of, read_stream
 from cascade.routing.cascade import Cascade
+from cascade.tiers.base import Tier
 
 GPT = "gpt-3.5-turbo-1106"
 
@@ -43,7 +44,9 @@ def main() -> None:
     args = ap.parse_args()
     rows = read_stream(args.data_dir / "isear.jsonl.gz", shuffle_seed=0)
     config = load_config(None, task={"labels": sorted(labels_of(rows))}, llm={"name": GPT})
-    make_tier = lambda: Cascade(config).stages[0].tier
+    def make_tier() -> Tier:
+        return Cascade(config).stages[0].tier
+
     tier = make_tier()
     demos = [r.event for r in rows if r.event.payload["llm"][GPT] is not None][: args.events]
     for start in range(0, len(demos), 64):

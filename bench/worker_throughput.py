@@ -24,13 +24,13 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from cascade.config import CascadeConfig, load_config
 from cascade.evaluation.data import LabelledEvent, labels_of, read_stream
+from cascade.learning.registry import publish_stage
 from cascade.logging import configure_logging
 from cascade.routing.cascade import Cascade
 from cascade.state import make_state
 from devtools.services import ensure_redis, start_tansu
 from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
 from workers.loop import BatchResult, Worker
-from cascade.learning.registry import publish_stage
 from workers.tier_worker import TierWorker
 from workers.topics import Topics
 

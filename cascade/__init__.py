@@ -27,7 +27,18 @@ _EXPORTS = {
     "Demonstration": "cascade.messages",
     "LiveParams": "cascade.messages",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Cascade",
+    "CascadeConfig",
+    "CascadeStep",
+    "ConfigError",
+    "Decision",
+    "Deferred",
+    "Demonstration",
+    "Event",
+    "LiveParams",
+    "load_config",
+]
 
 if TYPE_CHECKING:
     from cascade.config import CascadeConfig, ConfigError, load_config

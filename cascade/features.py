@@ -90,7 +90,7 @@ class HashedNgrams:
             text = text.lower()
         return (_ASCII_TOKEN if text.isascii() else _TOKEN).findall(text)
 
-    def _remember(self, grams: Iterable[str]) -> Callable[[str], int | None]:
+    def _remember(self, grams: Iterable[str]) -> Callable[[str], int]:
         """Hash the grams not remembered yet; returns the lookup of every remembered hash."""
         new = set(grams).difference(self._hashes)  # set operations in C: most words are known
         if new:
@@ -98,7 +98,8 @@ class HashedNgrams:
                 self._hashes = {_SEP: _SEP_HASH}
                 new = set(grams)
             self._hashes.update((g, zlib.crc32(g.encode("utf-8"))) for g in new)
-        return self._hashes.get
+        # Every gram asked for is remembered now, so the lookup never misses.
+        return self._hashes.__getitem__
 
     def _hash_all(self, grams: list[str]) -> np.ndarray:
         """The hash of every gram (:data:`_SEP` included), hashing only those not remembered yet."""
@@ -113,7 +114,7 @@ class HashedNgrams:
         if self.config.char_ngrams is None:
             return set()
         lo, hi = self.config.char_ngrams
-        grams = set()
+        grams: set[str] = set()
         for w in set(words):
             padded = f"<{w}>"
             grams.update("#" + padded[i : i + n] for n in range(lo, hi + 1) for i in range(len(padded) - n + 1))

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cascade.config import load_config
-from devtools.services import ensure_redis, ensure_tansu
+from devtools.local_llm import MODEL_NAME, LLMServerHandle, ensure_llm_server
+from devtools.services import BrokerHandle, RedisHandle, ensure_redis, ensure_tansu
 from workers.cli import main as cascade_main
 
 
@@ -28,12 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, run_args = p.parse_known_args(argv)
     run_args = [a for a in run_args if a != "--"]
     config = load_config(args.config)
-    services = [ensure_redis(config.redis.url, run_dir=args.run_dir),
-                ensure_tansu(config.kafka.bootstrap_servers, run_dir=args.run_dir)]
+    services: list[RedisHandle | BrokerHandle | LLMServerHandle] = [
+        ensure_redis(config.redis.url, run_dir=args.run_dir),
+        ensure_tansu(config.kafka.bootstrap_servers, run_dir=args.run_dir),
+    ]
     try:
         if args.local_llm:
-            from devtools.local_llm import MODEL_NAME, ensure_llm_server
-
             services.append(ensure_llm_server(config.llm.base_url, run_dir=args.run_dir))
             run_args += ["--llm-server", config.llm.base_url, "--llm", MODEL_NAME]
         head = ["--config", args.config] if args.config else []

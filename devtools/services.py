@@ -30,9 +30,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Sequence
 from urllib.parse import urlparse
 
 from cascade.logging import configure_logging, get_logger

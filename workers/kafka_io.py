@@ -403,7 +403,7 @@ class LagProbe:
         self._consumer.close()
         self._admin.close()
 
-    def __enter__(self) -> "LagProbe":
+    def __enter__(self) -> LagProbe:
         return self
 
     def __exit__(self, *exc: object) -> None:

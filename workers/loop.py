@@ -12,9 +12,9 @@ import base64
 import gc
 import signal
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
@@ -50,7 +50,7 @@ class BatchResult:
     records: list[OutRecord] = field(default_factory=list)
     # Run on the pipeline's recorder thread as soon as the broker acknowledged ``records``, while
     # the worker processes its next batch: thread-safe steps only (state-store writes).
-    on_ack: list[Callable[[], None]] = field(default_factory=list)
+    on_ack: list[Callable[[], object]] = field(default_factory=list)
     # Run on the worker's thread after ``on_ack``, before the offsets are committed.
     after_produce: list[Callable[[], None]] = field(default_factory=list)
 

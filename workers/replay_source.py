@@ -21,17 +21,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from pydantic import ValidationError
 
-from cascade.config import CascadeConfig
+from cascade.config import CascadeConfig, ConfigError
 from cascade.evaluation.progress import Progress
 from cascade.messages import Decision, Demonstration
-from cascade.config import ConfigError
 from cascade.replay.command import Loaded
 from cascade.replay.join import RecordedEvent
 from cascade.task import InvalidEvent, Task
@@ -52,7 +51,7 @@ def parse_bound(text: str | None) -> Bound:
         when = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(f"expected an offset (integer) or an ISO-8601 time, got {text!r}") from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -94,7 +93,7 @@ class TopicReader:
         self.consumer.close()
         self.probe.close()
 
-    def __enter__(self) -> "TopicReader":
+    def __enter__(self) -> TopicReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import gzip
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from cascade.messages import Event
 

@@ -8,7 +8,8 @@ label. Gold labels never reach this module.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

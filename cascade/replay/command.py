@@ -169,6 +169,7 @@ def replay(
     if not joined.events:
         raise ConfigError(f"nothing to replay: {len(loaded.rows)} events read, none with a recorded answer "
                           f"of {config.llm.name}")
+    rate_from: str | None
     rate, rate_from = (events_per_hour, "given") if events_per_hour else (event_rate(loaded.rows), "timestamps")
     if rate is None:
         rate_from = None
@@ -181,7 +182,8 @@ def replay(
         raise ConfigError("--apply needs a target (which setting to apply)")
     if apply and config.state.backend != "redis":
         raise ConfigError("--apply writes the live parameters to Redis: set state.backend=redis")
-    snapshots, warm_versions = None, {}
+    snapshots: dict[str, tuple[bytes | None, bytes | None]] | None = None
+    warm_versions: dict[str, int] = {}
     if warm_start:
         if config.state.backend != "redis":
             raise ConfigError("--warm-start reads the model registry in Redis: set state.backend=redis")

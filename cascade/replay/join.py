@@ -145,7 +145,7 @@ class JoinedAnswers(RecordedAnswers):
         return out
 
 
-def state_cache_lookup(state: "StateStore", task: Task) -> CacheLookup:
+def state_cache_lookup(state: StateStore, task: Task) -> CacheLookup:
     """Recorded LLM answers from the decision cache: entries the LLM answered, by ``cache_key``."""
     from cascade.state.keys import cache_keys
 

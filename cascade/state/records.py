@@ -33,7 +33,7 @@ class CachedDecision(Record):
     ts: float
 
     @classmethod
-    def of(cls, d: Decision) -> "CachedDecision":
+    def of(cls, d: Decision) -> CachedDecision:
         return cls(
             event_id=d.event_id, label=d.label, tier=d.tier, confidence=d.confidence,
             reason=d.reason, model_versions=dict(d.model_versions), ts=d.ts,

@@ -174,7 +174,8 @@ class RedisState(StateStore):
             pipe.mget([self.keys.cache + k for k in keys])
             return pipe.execute()
 
-        seen, cached = self._call("seen_and_decisions", read, [[None] * len(ids), [None] * len(keys)])
+        missing: list[list[bytes | None]] = [[None] * len(ids), [None] * len(keys)]
+        seen, cached = self._call("seen_and_decisions", read, missing)
         return [r is not None for r in seen], _cached(cached)
 
     def _put_cached(self, records: Sequence[tuple[str, CachedDecision]], ttl_s: float) -> None:
@@ -243,7 +244,9 @@ class RedisState(StateStore):
         return entry
 
     def current_versions(self, names: Iterable[str] | None = None) -> dict[str, int]:
-        raw = self._call("current_versions", lambda: self.client.hgetall(self.keys.registry_current), {})
+        raw: dict[bytes, bytes] = self._call(
+            "current_versions", lambda: self.client.hgetall(self.keys.registry_current), {}
+        )
         current = {n.decode(): int(v) for n, v in raw.items()}
         if names is None:
             return current
@@ -260,7 +263,7 @@ class RedisState(StateStore):
         return None if out is None else (int(out[0]), bytes(out[1]))
 
     def versions(self, name: str) -> list[RegistryEntry]:
-        raw = self._call("versions", lambda: self.client.hvals(self.keys.registry_meta(name)), [])
+        raw: list[bytes] = self._call("versions", lambda: self.client.hvals(self.keys.registry_meta(name)), [])
         return sorted((RegistryEntry.model_validate_json(b) for b in raw), key=lambda e: e.version)
 
     def rollback(self, name: str, version: int) -> None:
@@ -345,7 +348,7 @@ class RedisState(StateStore):
         self._call("put_routing", lambda: self.client.hset(self.keys.routing, snapshot.tier, body), None)
 
     def get_routing(self) -> dict[str, RoutingSnapshot]:
-        raw = self._call("get_routing", lambda: self.client.hgetall(self.keys.routing), {})
+        raw: dict[bytes, bytes] = self._call("get_routing", lambda: self.client.hgetall(self.keys.routing), {})
         return {k.decode(): RoutingSnapshot.model_validate_json(v) for k, v in raw.items()}
 
     # ------------------------------------------------------------------ idempotency
@@ -369,7 +372,8 @@ class RedisState(StateStore):
         if not ids:
             return []
         full = [self.keys.event + i for i in ids]
-        raw = self._call("seen", lambda: self.client.mget(full), [None] * len(ids))
+        missing: list[bytes | None] = [None] * len(ids)
+        raw = self._call("seen", lambda: self.client.mget(full), missing)
         return [r is not None for r in raw]
 
     # ------------------------------------------------------------------ lifecycle

@@ -34,7 +34,7 @@ class ModelWatcher:
         self._wake = threading.Event()
         self._wake.set()  # the first call reads the registry
         self._next_poll = 0.0
-        self._unsubscribe = store.subscribe(self._on_notice)
+        self._unsubscribe: Callable[[], None] | None = store.subscribe(self._on_notice)
 
     def _on_notice(self, name: str, version: int) -> None:
         if self._names is None or name in self._names:
@@ -68,8 +68,7 @@ class ModelWatcher:
     def __iter__(self) -> Iterator[tuple[str, int]]:
         """Endless (name, version) stream for a hot-swap thread; stops after ``close()``."""
         while self._unsubscribe is not None:
-            for item in self.wait(self._poll_interval_s).items():
-                yield item
+            yield from self.wait(self._poll_interval_s).items()
 
     def close(self) -> None:
         if self._unsubscribe is not None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ class Tier(ABC):
         self.version = 0
 
     @abstractmethod
-    def prepare(self, events: Sequence[Event]) -> list[Any]: ...
+    def prepare(self, events: Sequence[Event]) -> Sequence[Any]: ...
 
     @abstractmethod
     def predict_proba(self, inputs: Sequence[Any]) -> np.ndarray:

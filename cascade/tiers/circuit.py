@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 State = Literal["closed", "open", "half_open"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from river import linear_model, optim
@@ -36,7 +36,7 @@ class CompiledWeights:
         self.version = version
         buckets, cols, values = [], [], []
         for j, label in enumerate(labels):
-            w = model.weights.get(label, {})
+            w: dict[int, float] = model.weights.get(label, {})
             buckets.append(np.fromiter(w.keys(), dtype=np.int64, count=len(w)))
             values.append(np.fromiter(w.values(), dtype=np.float64, count=len(w)))
             cols.append(np.full(len(w), j))
@@ -74,7 +74,8 @@ class LogisticTier(Tier):
 
     def prepare(self, events: Sequence[Event]) -> Sequence[SparseVector]:
         if len(events) >= _COMPILE_FROM:
-            return self.featurizer.transform_batch([e.text for e in events]).with_constant(_BIAS)
+            # SparseRows reads as a sequence of dicts (len, [i]) where river needs one.
+            return cast(Sequence[SparseVector], self.featurizer.transform_batch([e.text for e in events]).with_constant(_BIAS))
         out = []
         for e in events:
             x = self.featurizer.transform(e.text)

@@ -227,7 +227,7 @@ class OnnxTier(Tier):
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
 
-    def _learn(self, inputs: Sequence[np.ndarray], labels: Sequence[str]) -> None:
+    def _learn(self, inputs: Sequence[Any], labels: Sequence[str]) -> None:
         rows = [(x, self.index[y]) for x, y in zip(inputs, labels)]
         lr, l2, m = self.config.head_learning_rate, self.config.l2, self.config.head_batch_size
         for start in range(0, len(rows), m):
@@ -236,8 +236,9 @@ class OnnxTier(Tier):
             y[np.arange(len(chunk)), [c[1] for c in chunk]] = 1.0
             err = (self.numpy_proba([c[0] for c in chunk]) - y) / len(chunk)
             if self.Wn is not None:
-                self._learn_ngrams([c[0] for c in chunk], err)
-                x = np.stack([c[0].embedding for c in chunk]).astype(np.float32)
+                ngram_inputs: list[NgramInput] = [c[0] for c in chunk]
+                self._learn_ngrams(ngram_inputs, err)
+                x = np.stack([i.embedding for i in ngram_inputs]).astype(np.float32)
             else:
                 x = np.stack([c[0] for c in chunk]).astype(np.float32)
             g_w = x.T @ err
@@ -269,7 +270,7 @@ class OnnxTier(Tier):
         # Arrays, not the ONNX graph: restoring never parses protobuf (whose tensors may name
         # external files to read) from the registry, and the tier builds its graph itself.
         state = {"encoder": self.encoder.fingerprint, "W": self.W, "b": self.b, "G_W": self.G_W, "G_b": self.G_b}
-        if self.Wn is not None:
+        if self.Wn is not None and self.G_Wn is not None:
             state.update(Wn=self.Wn, G_Wn=self.G_Wn)
         return state
 

@@ -28,11 +28,11 @@ import http.client
 import json
 import os
 import re
-import socket
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from cascade.config import LLMConfig
@@ -161,7 +161,7 @@ class OpenAIBackend(LLMBackend):
         self._local = threading.local()
         self._conns: set[http.client.HTTPConnection] = set()
         self._lock = threading.Lock()
-        self._format = config.structured_output
+        self._format: str = config.structured_output
         self.breaker = CircuitBreaker(config.circuit_failures, config.circuit_open_s)
         self.parser = AnswerParser(task)
         labels = task.labels
@@ -283,11 +283,11 @@ class OpenAIBackend(LLMBackend):
         except CircuitOpen as e:
             raise LLMError(CIRCUIT_OPEN, self.config.base_url, retryable=True, retry_after_s=e.retry_in_s) from None
         start = time.perf_counter()
-        fmt = self._format
+        fmt: str = self._format
         while True:
             try:
                 status, headers, payload = self._post(self._body(event, fmt))
-            except (socket.timeout, TimeoutError) as e:
+            except TimeoutError as e:
                 raise self._fail("timeout", str(e), retryable=True, endpoint_failure=True) from None
             except (OSError, http.client.HTTPException) as e:
                 raise self._fail("connection_error", f"{type(e).__name__}: {e}", retryable=True,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.cli import build_parser
 from cascade.config import CascadeConfig
+from workers.cli import build_parser
 
 
 def worker_for(args: list[str], config: CascadeConfig) -> Any:

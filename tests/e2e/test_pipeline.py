@@ -18,8 +18,8 @@ from kafka import KafkaConsumer
 from cascade.config import load_config
 from cascade.messages import DeadLetter, Decision
 from cascade.state import make_state
-from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
 from devtools.services import free_port
+from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
 from workers.run import collect_decisions, start_workers, stop_workers
 from workers.topics import Topics
 

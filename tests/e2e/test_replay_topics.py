@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -25,11 +25,11 @@ from cascade.replay.sweep import parse_sweep
 from cascade.state import make_state
 from cascade.state.keys import cache_key
 from cascade.task import Task
-from workers.kafka_io import LagProbe, OutRecord, TopicPartition, ensure_topics, make_producer, produce_and_flush
 from devtools.services import free_port
+from tests.unit.streams import LLM, easy_and_hard
+from workers.kafka_io import LagProbe, OutRecord, TopicPartition, ensure_topics, make_producer, produce_and_flush
 from workers.replay_source import load_demonstrations, load_topic_range
 from workers.topics import Topics
-from tests.unit.streams import LLM, easy_and_hard
 
 pytestmark = pytest.mark.e2e
 
@@ -131,7 +131,7 @@ def test_replay_of_a_topic_recovers_the_recorded_answers(kafka_bootstrap, redis_
         expected[r["id"]] = r["llm"][LLM]
     produce_events(config, rows[:200])
     time.sleep(1.2)  # a second wave, for a time range
-    middle = datetime.now(timezone.utc).isoformat()
+    middle = datetime.now(UTC).isoformat()
     time.sleep(0.1)
     produce_events(config, rows[200:])
 

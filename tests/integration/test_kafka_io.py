@@ -7,6 +7,7 @@ import uuid
 from collections import Counter
 
 import pytest
+from kafka.structs import TopicPartition
 
 from cascade.config import KafkaConfig
 from workers.kafka_io import (
@@ -22,7 +23,6 @@ from workers.kafka_io import (
     produce_and_flush,
     topic_partitions,
 )
-from kafka.structs import TopicPartition
 from workers.observability import LagSampler, WorkerMetrics
 
 pytestmark = pytest.mark.integration

@@ -27,8 +27,8 @@ from cascade.messages import DeadLetter, Decision, Deferred, Demonstration, Even
 from cascade.task import Task
 from cascade.tiers.llm import make_backend
 from cascade.tiers.openai_compat import OpenAIBackend
-from workers.llm_worker import LLMWorker
 from devtools.local_llm import MODEL_NAME, LLMServerHandle, start_llm_server
+from workers.llm_worker import LLMWorker
 
 pytestmark = pytest.mark.integration
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from cascade.learning.registry import model_names
 from cascade.messages import Decision, Deferred, LiveParams
 from cascade.routing.cascade import Cascade
 from cascade.routing.stage import Action
@@ -19,7 +20,6 @@ from cascade.state import make_state
 from tests.unit.streams import easy_and_hard
 from tests.unit.test_engine import make_config
 from workers.loop import BatchResult
-from cascade.learning.registry import model_names
 from workers.tier_worker import TierWorker
 
 pytestmark = pytest.mark.integration

@@ -41,10 +41,10 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from workers.cli import build_parser
 from cascade.config import CascadeConfig, load_config
 from tests.deploy.kustomize import build, configmap_hash
 from tests.deploy.roles import worker_for
+from workers.cli import build_parser
 from workers.observability import HealthServer, WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,14 +79,14 @@ def _variant_dir(overlay: str, autoscaler: str, tmp: Path) -> Path:
     return dst
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tmp_root() -> Path:
     path = Path(tempfile.mkdtemp(prefix="cascade-k8s-"))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def render_dir(name: str) -> Path:
     """``base``, an overlay name, or ``<overlay>+hpa`` (the overlay with the HPA instead of KEDA)."""
     if name == "base":
@@ -99,7 +99,7 @@ def render_dir(name: str) -> Path:
 RENDERS = ["base", *OVERLAYS, *(f"{o}+hpa" for o in OVERLAYS)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _render_json(name: str) -> str:
     return json.dumps(build(render_dir(name)))
 
@@ -443,7 +443,7 @@ def test_probes_and_ports_match_what_workers_serve(name: str, tmp_path: Path, mo
 
 # ---- KEDA and the consumer groups ---------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _group_and_topics(args: tuple[str, ...], config_json: str) -> tuple[str, list[str]]:
     worker = worker_for(list(args), CascadeConfig.model_validate_json(config_json))
     worker.health.close()

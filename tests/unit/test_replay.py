@@ -9,7 +9,6 @@ from collections import Counter
 import pytest
 import structlog
 
-from workers import cli
 from cascade.config import CascadeConfig, ConfigError, LLMConfig, load_config
 from cascade.messages import Event, LiveParams
 from cascade.replay.analysis import Target, TargetError, mark_pareto, parse_target, quality_metric, recommend
@@ -21,6 +20,7 @@ from cascade.routing.cascade import Cascade
 from cascade.task import Task
 from cascade.tiers.llm import LLMError
 from tests.unit.streams import LLM, easy_and_hard
+from workers import cli
 
 
 @pytest.fixture(autouse=True)
