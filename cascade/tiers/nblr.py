@@ -9,7 +9,8 @@ The ratios say at once which n-grams tell a class apart, so the head needs fewer
 become confident (Wang & Manning, 2012). With ``nb_scaling=False`` the tier is plain softmax
 regression over the same features, as the river-based ``logistic`` tier learns it, in numpy.
 
-Weights, AdaGrad's squared-gradient sums and the counts are dense (buckets × labels) tables; a
+Weights, AdaGrad's squared-gradient sums, the counts and their log-ratios are dense
+(buckets × labels) tables; a
 prediction or an update gathers and scatters only the rows of the buckets its events hold.
 """
 
@@ -73,6 +74,7 @@ class NblrTier(Tier):
         self.G_b = np.zeros(k)
         self.counts = np.zeros((n, k) if nb_scaling else (0, k), dtype=np.int32)  # demonstrations of class c holding bucket j
         self.class_totals = np.zeros(k)  # Σ_j counts[j, c]
+        self.log_ratio = np.zeros_like(self.counts, dtype=np.float32)  # r_cj without its class's norm
         self.vocabulary = 0  # buckets with a count
         self._norm = np.zeros(k)
         self._pending: tuple[SparseVector, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -100,9 +102,13 @@ class NblrTier(Tier):
         """Each entry's value as each class sees it: x_j r_cj (entries × labels), or x_j (entries × 1)."""
         if not self.nb_scaling:
             return values[:, None]
-        c = self.counts[buckets].astype(np.float64)
-        # log(p_cj/q_cj) + log(|q_c|/|p_c|); the other classes' count is the bucket's total minus c's.
-        return values[:, None] * (np.log((c + self.alpha) / (c.sum(axis=1, keepdims=True) - c + self.alpha)) + self._norm)
+        return values[:, None] * (np.take(self.log_ratio, buckets, axis=0) + self._norm)
+
+    def _refresh_ratios(self, rows: np.ndarray) -> None:
+        """log(p_cj/q_cj) of the buckets whose counts changed; the other classes' count of a
+        bucket is its total minus c's. Kept in a table so that scoring takes no logarithms."""
+        c = np.take(self.counts, rows, axis=0).astype(np.float64)
+        self.log_ratio[rows] = np.log((c + self.alpha) / (c.sum(axis=1, keepdims=True) - c + self.alpha))
 
     def _update_norm(self) -> None:
         """log(|q_c|_1 / |p_c|_1), smoothed over the buckets seen so far (the vocabulary): over the
@@ -116,8 +122,9 @@ class NblrTier(Tier):
 
     def _forward(self, rows: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One event: its scaled features, its weight rows and its probabilities."""
+        # np.take: a third of the time of fancy indexing, as gathers of table rows.
         x = self._scaled(rows, values)
-        w = self.W[rows]
+        w = np.take(self.W, rows, axis=0)
         return x, w, _softmax((x * w).sum(axis=0) + self.b)
 
     # -- prediction --------------------------------------------------------------------------
@@ -129,11 +136,14 @@ class NblrTier(Tier):
             x, w, p = self._forward(buckets, values)
             self._pending = (inputs[0], buckets, x, w, p)
             return p[None, :].copy()
-        terms = self._scaled(buckets, values) * self.W[buckets]
-        # Row sums by differences of a cumulative sum: empty rows come out as zeros.
-        cum = np.zeros((len(terms) + 1, len(self.labels)))
-        np.cumsum(terms, axis=0, out=cum[1:])
-        return _softmax(cum[indptr[1:]] - cum[indptr[:-1]] + self.b)
+        x = self._scaled(buckets, values)
+        # Row sums with reduceat over one more, zero, entry (a start must index an entry); an
+        # empty row's "sum" is then the next row's first entry, hence the mask.
+        terms = np.zeros((len(buckets) + 1, len(self.labels)))
+        np.multiply(x, np.take(self.W, buckets, axis=0), out=terms[:-1])
+        z = np.add.reduceat(terms, indptr[:-1], axis=0)
+        z[indptr[:-1] == indptr[1:]] = 0.0
+        return _softmax(z + self.b)
 
     # -- learning ----------------------------------------------------------------------------
     def _learn(self, inputs: Sequence[SparseVector], labels: Sequence[str]) -> None:
@@ -157,15 +167,16 @@ class NblrTier(Tier):
         err = p.copy()
         err[c] -= 1.0
         grad = x * err
-        g2 = self.G[rows] + grad * grad
+        g2 = np.take(self.G, rows, axis=0) + grad * grad
         self.G[rows] = g2
         self.W[rows] = w - self.learning_rate * grad / np.sqrt(g2 + _EPS)
         self.G_b += err * err
         self.b -= self.learning_rate * err / np.sqrt(self.G_b + _EPS)
         if self.nb_scaling:
-            self.vocabulary += len(rows) - int(np.count_nonzero(self.counts[rows].any(axis=1)))
+            self.vocabulary += len(rows) - int(np.count_nonzero(np.take(self.counts, rows, axis=0).any(axis=1)))
             self.counts[rows, c] += 1  # a row's buckets are distinct: no repeated index
             self.class_totals[c] += len(rows)
+            self._refresh_ratios(rows)
             self._update_norm()
 
     # -- snapshots ---------------------------------------------------------------------------
@@ -196,7 +207,7 @@ class NblrTier(Tier):
                 f"cannot restore one with n_features={len(self.W)}, nb_scaling={self.nb_scaling}"
             )
         rows = np.asarray(state["buckets"], dtype=np.int64)
-        for table in (self.W, self.G, self.counts):
+        for table in (self.W, self.G, self.counts, self.log_ratio):
             table.fill(0)
         self.W[rows] = state["weights"]
         self.G[rows] = state["adagrad"]
@@ -206,6 +217,7 @@ class NblrTier(Tier):
             self.counts[rows] = state["counts"]
             self.class_totals = self.counts[rows].sum(axis=0, dtype=np.float64)
             self.vocabulary = len(rows)
+            self._refresh_ratios(rows)
             self._update_norm()
         self._pending = None
 
