@@ -101,6 +101,16 @@ class LogisticTierConfig(TierConfig):
     l2: float = Field(0.0, ge=0)
 
 
+class NblrTierConfig(TierConfig):
+    """Kind "nblr": NB-weighted logistic (NBSVM-style) over the hashed n-grams of ``features``,
+    learning and scoring in numpy (cascade/tiers/nblr.py)."""
+
+    kind: Literal["nblr"] = "nblr"
+    learning_rate: float = Field(0.5, gt=0, description="AdaGrad step of the softmax head")
+    alpha: float = Field(1.0, gt=0, description="Laplace smoothing of the naive-Bayes counts")
+    nb_scaling: bool = Field(True, description="false: plain softmax regression in numpy")
+
+
 class OnnxTierConfig(TierConfig):
     """Kind "onnx": a sentence encoder run with onnxruntime, and a softmax head learned online."""
 

@@ -17,7 +17,7 @@ prediction or an update gathers and scatters only the rows of the buckets its ev
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -82,7 +82,8 @@ class NblrTier(Tier):
     # -- inputs ------------------------------------------------------------------------------
     def prepare(self, events: Sequence[Event]) -> Sequence[SparseVector]:
         if len(events) >= _BATCH_FEATURES_FROM:
-            return self.featurizer.transform_batch([e.text for e in events])
+            # SparseRows reads as a sequence of dicts (len, [i]); scoring reads its arrays.
+            return cast(Sequence[SparseVector], self.featurizer.transform_batch([e.text for e in events]))
         return [self.featurizer.transform(e.text) for e in events]
 
     @staticmethod

@@ -26,6 +26,7 @@ from cascade.config import (
     FeatureConfig,
     LLMConfig,
     LogisticTierConfig,
+    NblrTierConfig,
     OnnxTierConfig,
     TierConfig,
 )
@@ -112,6 +113,13 @@ def _logistic(config: LogisticTierConfig, labels: Sequence[str], features: Featu
     return LogisticTier(config, labels, features)
 
 
+def _nblr(config: NblrTierConfig, labels: Sequence[str], features: FeatureConfig) -> Tier:
+    from cascade.tiers.nblr import NblrTier
+
+    return NblrTier(config.name, labels, config.cost, features, learning_rate=config.learning_rate,
+                    alpha=config.alpha, nb_scaling=config.nb_scaling)
+
+
 def _onnx(config: OnnxTierConfig, labels: Sequence[str], features: FeatureConfig) -> Tier:
     from cascade.tiers.onnx import OnnxTier
 
@@ -132,5 +140,6 @@ def _openai(task: Task, config: LLMConfig) -> LLMBackend:
 
 register_tier("logistic", LogisticTierConfig, _logistic)
 register_tier("onnx", OnnxTierConfig, _onnx)
+register_tier("nblr", NblrTierConfig, _nblr)
 register_backend("recorded", _recorded)
 register_backend("openai", _openai)
