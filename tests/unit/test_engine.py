@@ -232,3 +232,27 @@ def test_deferral_costs_work_down_from_the_top():
     # Deferring from the logistic tier: the onnx call, plus the LLM for the 40% onnx defers.
     assert low.cost == pytest.approx(0.1 + 0.4 * 1.0)
     assert low.disagreement == pytest.approx(0.6 * 0.2)
+
+
+def test_tier_instances_and_routing_separate_from_learning():
+    """A data team's own tier instance, routed now and taught labels that arrive later."""
+    from cascade.config import NblrTierConfig
+    from cascade.messages import Deferred
+    from cascade.tiers.registry import build_tier
+
+    config = make_config(warmup=30)
+    tier = build_tier(NblrTierConfig(name="mine"), config.task.labels, config.features)
+    stream = easy_and_hard(400, seed=31)
+    with Cascade(config, tiers=[tier]) as cascade:
+        assert cascade.stages[0].tier is tier
+        first = cascade.route([e for e, _ in stream[:50]])
+        assert all(isinstance(r, Deferred) for r in first)  # cold: everything needs a label
+        for i in range(0, 300, 50):  # labels arrive later, in batches
+            batch = [e for e, _ in stream[i : i + 50]]
+            cascade.learn(batch, [e.payload["llm"][LLM] for e in batch])
+        assert tier.version == 300
+        later = cascade.route([e for e, _ in stream[300:]])
+        answered = [r for r in later if isinstance(r, Decision)]
+        assert answered and all(d.tier == "mine" and d.reason == "tier" for d in answered)
+    with pytest.raises(ValueError, match="labels"):
+        Cascade(config, tiers=[build_tier(NblrTierConfig(name="x"), ["a", "b"], config.features)])
