@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import hashlib
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -55,13 +56,33 @@ class BatchResult:
     after_produce: list[Callable[[], None]] = field(default_factory=list)
 
 
-def dead_letter(topics: Topics, stage: str, rec: ConsumerRecord, reason: str, detail: str) -> OutRecord:
-    key = rec.key.decode("utf-8", "replace") if rec.key else None
+# A dead letter must fit any producer's max_request_size and the broker's default message size
+# (1 MiB) with room to spare; a larger one is truncated, never dropped.
+DEAD_LETTER_MAX_BYTES = 512 * 1024
+DEAD_LETTER_HEAD_BYTES = 64 * 1024  # what a truncated dead letter keeps of the original
+_MAX_KEY_BYTES = 1024
+
+
+def dead_letter(topics: Topics, stage: str, rec: ConsumerRecord, reason: str, detail: str,
+                max_bytes: int = DEAD_LETTER_MAX_BYTES) -> OutRecord:
+    """The dead-letter record of ``rec``: the reason, and the original bytes whole if the record
+    fits ``max_bytes``, else their first :data:`DEAD_LETTER_HEAD_BYTES` (``truncated``)."""
+    value = rec.value if isinstance(rec.value, bytes) else b""
+    key_bytes = rec.key if isinstance(rec.key, bytes) else None
+    if key_bytes is not None and len(key_bytes) > _MAX_KEY_BYTES:
+        key_bytes = hashlib.sha256(key_bytes).hexdigest().encode()
+    key = key_bytes.decode("utf-8", "replace") if key_bytes else None
     msg = DeadLetter(
         reason=reason, detail=detail[:2000], stage=stage, source_topic=rec.topic, partition=rec.partition,
-        offset=rec.offset, key=key, original_b64=base64.b64encode(rec.value or b"").decode("ascii"),
+        offset=rec.offset, key=key, original_b64=base64.b64encode(value).decode("ascii"),
+        original_size=len(value), original_sha256=hashlib.sha256(value).hexdigest(),
     )
-    return OutRecord(topics.deadletter, rec.key, msg.model_dump_json().encode())
+    out = msg.model_dump_json().encode()
+    if len(out) + len(key_bytes or b"") > max_bytes:
+        head = value[: min(DEAD_LETTER_HEAD_BYTES, max_bytes // 4)]
+        msg = msg.model_copy(update={"original_b64": base64.b64encode(head).decode("ascii"), "truncated": True})
+        out = msg.model_dump_json().encode()
+    return OutRecord(topics.deadletter, key_bytes, out)
 
 
 class Worker:

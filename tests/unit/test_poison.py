@@ -1,0 +1,62 @@
+"""Poison events: each is dead-lettered or handled, the worker stays up, the others are decided."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+
+from cascade.config import load_config
+from cascade.messages import DeadLetter, Decision, Deferred, Event, TierOutput
+from workers.llm_worker import LLMWorker
+from workers.loop import DEAD_LETTER_MAX_BYTES, dead_letter
+from workers.topics import Topics
+
+LLM = "test-llm"
+
+
+@dataclass
+class Rec:  # the ConsumerRecord fields a worker reads
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def outputs(result, topic_suffix: str) -> list[dict]:
+    return [json.loads(r.value) for r in result.records if r.topic.endswith(topic_suffix)]
+
+
+def test_a_dead_letter_too_large_for_a_request_is_truncated_not_dropped():
+    config = load_config(None, task={"labels": ["a", "b"]})
+    big = json.dumps({"id": "big", "text": "x" * 1_000_000}).encode()
+    out = dead_letter(Topics(config), "tier-x", Rec("cascade.events", 0, 7, b"big", big), "too_large", "detail")
+    assert len(out.value) <= DEAD_LETTER_MAX_BYTES
+    msg = DeadLetter.model_validate_json(out.value)
+    assert msg.truncated and msg.reason == "too_large" and msg.original_size == len(big)
+    assert msg.original_sha256 == hashlib.sha256(big).hexdigest()
+    head = base64.b64decode(msg.original_b64)
+    assert head and big.startswith(head)
+    small = dead_letter(Topics(config), "tier-x", Rec("cascade.events", 0, 8, None, b"{}"), "not_an_object", "")
+    msg = DeadLetter.model_validate_json(small.value)
+    assert not msg.truncated and base64.b64decode(msg.original_b64) == b"{}" and msg.original_size == 2
+
+
+def test_a_recorded_answer_that_is_not_a_string_is_unusable_not_a_crash():
+    config = load_config(None, task={"labels": ["fear", "joy"]}, llm={"name": LLM})
+    w = LLMWorker(config, metrics_port=0)
+    try:
+        recs = []
+        for i, answer in enumerate(["joy", 5, None, ["joy"], {"a": 1}, True, 1.5]):
+            out = TierOutput(tier="logistic", version=300, probs=[0.8, 0.2], policy_features=[0.8], p_agree=0.5)
+            d = Deferred(event=Event(id=f"e{i}", text=f"text {i}", payload={"llm": {LLM: answer}}), outputs=[out])
+            recs.append(Rec("cascade.llm", 0, i, d.event.id.encode(), d.model_dump_json().encode()))
+        result = w.process(recs)
+        decisions = {d["event_id"]: Decision.model_validate(d) for d in outputs(result, "decisions")}
+        assert len(decisions) == 7 and not outputs(result, "deadletter")
+        assert decisions["e0"].label == "joy" and decisions["e0"].reason == "llm"
+        assert all(decisions[f"e{i}"].reason == "llm_unusable" for i in range(1, 7))
+    finally:
+        w.health.close()
