@@ -66,7 +66,7 @@ class LLMWorker(Worker):
         except LLMError as e:
             return e
 
-    def process(self, records: list[ConsumerRecord]) -> BatchResult:
+    def process_batch(self, records: list[ConsumerRecord]) -> BatchResult:
         res = BatchResult()
         items: dict[str, tuple[ConsumerRecord, Deferred]] = {}
         for rec in records:

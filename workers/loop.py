@@ -137,6 +137,47 @@ class Worker:
         result.on_ack.append(record)
 
     def process(self, records: list[ConsumerRecord]) -> BatchResult:
+        """:meth:`process_batch`, with a failure isolated to the event that caused it.
+
+        A batch that raises is processed again one event at a time; an event that raises alone
+        is dead-lettered (``processing_error``, with the exception) and the worker goes on. Steps
+        of the failed attempt that already ran (budget taken, demonstrations learned) are not
+        undone: rare, and each is at worst counted twice.
+        """
+        try:
+            return self._attempt(records)
+        except Exception as e:
+            if len(records) == 1:
+                return self._failed(records[0], e)
+            log.warning("batch_failed_isolating", role=self.role, records=len(records), error=repr(e)[:500])
+        res = BatchResult()
+        for rec in records:
+            try:
+                one = self._attempt([rec])
+            except Exception as e:
+                one = self._failed(rec, e)
+            res.records.extend(one.records)
+            res.on_ack.extend(one.on_ack)
+            res.after_produce.extend(one.after_produce)
+        return res
+
+    def _attempt(self, records: list[ConsumerRecord]) -> BatchResult:
+        before = self._deciding.copy()
+        try:
+            return self.process_batch(records)
+        except Exception:
+            # Ids a failed attempt marked in flight will not be recorded by it: unmark them.
+            self._deciding.intersection_update(before)
+            raise
+
+    def _failed(self, rec: ConsumerRecord, e: Exception) -> BatchResult:
+        detail = f"{type(e).__name__}: {e}"
+        log.error("processing_error", role=self.role, topic=getattr(rec, "topic", None),
+                  partition=getattr(rec, "partition", None), offset=getattr(rec, "offset", None), error=detail[:500])
+        self.metrics.dead_letters.labels(self.role, "processing_error").inc()
+        return BatchResult(records=[dead_letter(self.topics, self.role, rec, "processing_error", detail)])
+
+    def process_batch(self, records: list[ConsumerRecord]) -> BatchResult:
         raise NotImplementedError
 
     def idle(self) -> None:

@@ -75,7 +75,7 @@ class TierWorker(Worker):
         log.warning("dead_lettered", reason=reason, topic=rec.topic, partition=rec.partition, offset=rec.offset)
         return None
 
-    def process(self, records: list[ConsumerRecord]) -> BatchResult:
+    def process_batch(self, records: list[ConsumerRecord]) -> BatchResult:
         res = BatchResult()
         items: dict[str, Deferred] = {}
         now = time.time()

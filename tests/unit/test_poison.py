@@ -60,3 +60,58 @@ def test_a_recorded_answer_that_is_not_a_string_is_unusable_not_a_crash():
         assert all(decisions[f"e{i}"].reason == "llm_unusable" for i in range(1, 7))
     finally:
         w.health.close()
+
+
+def event_rec(i: int, text: str, event_id: str | None = None) -> Rec:
+    eid = event_id or f"ev{i}"
+    return Rec("cascade.events", 0, i, eid.encode(), json.dumps({"id": eid, "text": text}).encode())
+
+
+def tier_worker():
+    from tests.unit.test_engine import make_config
+    from workers.tier_worker import TierWorker
+
+    config = make_config()
+    return TierWorker(config, config.tiers[0].name, metrics_port=0)
+
+
+def decided_ids(result) -> list[str]:
+    """Each event's one output: its decision, its deferral, or its dead letter."""
+    out = [d["event_id"] for d in outputs(result, "decisions")]
+    out += [r.key.decode() for r in result.records if not r.topic.endswith(("decisions", "deadletter", "demonstrations"))]
+    return out
+
+
+def test_an_event_that_breaks_a_batch_is_dead_lettered_alone(monkeypatch):
+    import workers.tier_worker as tw
+
+    real = tw.route_stage
+
+    def fragile(stage, todo, now):
+        if any("boom" in d.event.text for d in todo):
+            raise RuntimeError("the featurizer fell over")
+        return real(stage, todo, now)
+
+    monkeypatch.setattr(tw, "route_stage", fragile)
+    w = tier_worker()
+    try:
+        recs = [event_rec(i, f"fine text {i}") for i in range(10)]
+        recs.insert(4, event_rec(99, "this goes boom"))
+        result = w.process(recs)
+        [letter] = [DeadLetter.model_validate(d) for d in outputs(result, "deadletter")]
+        assert letter.reason == "processing_error" and "the featurizer fell over" in letter.detail and letter.offset == 99
+        assert sorted(decided_ids(result)) == sorted(f"ev{i}" for i in range(10))
+        assert not w._deciding - {f"ev{i}" for i in range(10)}
+    finally:
+        w.health.close()
+
+
+def test_a_text_with_nul_is_decided_like_any_other():
+    w = tier_worker()
+    try:
+        recs = [event_rec(i, f"fine text {i}") for i in range(5)] + [event_rec(5, "nul\x00inside"), event_rec(6, "\x00")]
+        result = w.process(recs)
+        assert not outputs(result, "deadletter")
+        assert sorted(decided_ids(result)) == sorted(f"ev{i}" for i in range(7))
+    finally:
+        w.health.close()
