@@ -26,6 +26,7 @@ from cascade.config import CascadeConfig
 from cascade.logging import get_logger
 from cascade.messages import DeadLetter, Decision
 from cascade.state import make_state
+from cascade.state.keys import NO_MARK, text_mark
 from workers.kafka_io import (
     OutRecord,
     await_acks,
@@ -114,24 +115,37 @@ class Worker:
         hits = dict(zip(ids, cached))
         return [(i, hits[i]) for i in self._fresh(ids, seen, deciding)]
 
+    def undecided_checked(self, ids: Sequence[str], cache_keys: Sequence[str],
+                          texts: Sequence[str]) -> tuple[list[tuple[str, Decision | None]], list[str]]:
+        """:meth:`undecided_with_cache`, and the ids decided before with another text (conflicts:
+        the idempotency record keeps a mark of the text each id was decided with)."""
+        deciding = self._deciding.copy()
+        marks, cached = self.state.marks_and_decisions(ids, cache_keys)
+        conflicts = [i for i, m, t in zip(ids, marks, texts) if m is not None and m != NO_MARK and m != text_mark(t)]
+        hits = dict(zip(ids, cached))
+        fresh = self._fresh(ids, [m is not None for m in marks], deciding)
+        return [(i, hits[i]) for i in fresh], conflicts
+
     @staticmethod
     def _fresh(ids: Sequence[str], seen: Sequence[bool], deciding: set[str]) -> list[str]:
         return [i for i, done in zip(ids, seen) if not done and i not in deciding]
 
-    def record_decided(self, result: BatchResult, ids: Sequence[str]) -> None:
+    def record_decided(self, result: BatchResult, ids: Sequence[str], texts: Sequence[str] | None = None) -> None:
         """Once ``result`` is acknowledged, record ``ids`` as decided (the idempotency record).
 
         Until then they are in ``_deciding``. The recorder thread writes the record first and only
         then takes them out, so an id read as not decided from a copy of ``_deciding`` taken before
-        the state-store read is truly undecided.
+        the state-store read is truly undecided. With ``texts``, the record keeps a mark of each
+        id's text (see :meth:`undecided_checked`).
         """
         ids = list(ids)
         if not ids:
             return
         self._deciding.update(ids)
+        marks = None if texts is None else [text_mark(t) for t in texts]
 
         def record() -> None:
-            self.state.claim_events(ids)
+            self.state.claim_events(ids, marks=marks)
             self._deciding.difference_update(ids)
 
         result.on_ack.append(record)

@@ -115,3 +115,37 @@ def test_a_text_with_nul_is_decided_like_any_other():
         assert sorted(decided_ids(result)) == sorted(f"ev{i}" for i in range(7))
     finally:
         w.health.close()
+
+
+def test_an_id_seen_again_with_another_text_is_dead_lettered_as_a_conflict():
+    w = tier_worker()
+    try:
+        # Decided before (by whichever worker: a cold tier defers them all, the LLM worker decides).
+        from cascade.state.keys import text_mark
+
+        w.state.claim_events([f"ev{i}" for i in range(5)], marks=[text_mark(f"fine text {i}") for i in range(5)])
+        # ev1 again (a redelivery: same text, differing only in case and spacing), ev2 with another
+        # text, ev7 twice in one batch with two texts, ev8 twice with the same text.
+        again = [event_rec(1, "Fine  TEXT 1"), event_rec(2, "something else entirely"), event_rec(7, "seven"),
+                 event_rec(17, "not seven", event_id="ev7"), event_rec(8, "eight"), event_rec(18, "eight", event_id="ev8")]
+        result = w.process(again)
+        letters = [DeadLetter.model_validate(d) for d in outputs(result, "deadletter")]
+        assert sorted((d.reason, d.offset) for d in letters) == [("id_conflict", 2), ("id_conflict", 17)]
+        assert sorted(decided_ids(result)) == ["ev7", "ev8"]
+    finally:
+        w.health.close()
+
+
+def test_the_llm_worker_records_the_text_mark_of_what_it_decided():
+    from cascade.state.keys import text_mark
+
+    config = load_config(None, task={"labels": ["fear", "joy"]}, llm={"name": LLM})
+    w = LLMWorker(config, metrics_port=0)
+    try:
+        d = Deferred(event=Event(id="x1", text="Some Text", payload={"llm": {LLM: "joy"}}))
+        result = w.process([Rec("cascade.llm", 0, 0, b"x1", d.model_dump_json().encode())])
+        for step in [*result.on_ack, *result.after_produce]:
+            step()
+        assert w.state.marks(["x1", "x2"]) == [text_mark("some   text"), None]
+    finally:
+        w.health.close()
