@@ -98,7 +98,7 @@ class Worker:
         self.group = group
         self.metrics = WorkerMetrics(self.role)
         port = config.server.metrics_port if metrics_port is None else metrics_port
-        self.health = HealthServer(self.metrics, port)
+        self.health = HealthServer(self.metrics, port, host=config.server.metrics_host)
         self.stopping = False
         self.state = make_state(config)
         self._deciding: set[str] = set()  # decided in a batch whose outputs are still in flight
