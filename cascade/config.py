@@ -276,6 +276,8 @@ class BudgetConfig(_Section):
 
 
 class ServerConfig(_Section):
+    # /metrics and the probes: local only unless opened (a deployment sets 0.0.0.0).
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9100, ge=0, le=65535)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"

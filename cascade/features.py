@@ -137,6 +137,10 @@ class HashedNgrams:
     def transform_batch(self, texts: Sequence[str]) -> SparseRows:
         """:meth:`transform` of every text, as one CSR batch (same buckets and values)."""
         joined = _SEP.join(texts)
+        if texts and joined.count(_SEP) != len(texts) - 1:
+            # A text holding _SEP itself: to the tokeniser NUL is a gap between words, as a space
+            # is, so replacing it changes no text's tokens (and keeps the texts apart).
+            joined = _SEP.join(t.replace(_SEP, " ") for t in texts)
         if self.config.lowercase:
             joined = joined.lower()
         flat = (_ASCII_BATCH_TOKEN if joined.isascii() else _BATCH_TOKEN).findall(joined)

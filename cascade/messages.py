@@ -111,7 +111,12 @@ class Deferred(Message):
 
 
 class DeadLetter(Message):
-    """An input that could not be answered, with why and the original bytes (base64)."""
+    """An input that could not be answered, with why and the original bytes (base64).
+
+    An original too large to carry whole (the record must fit the producer's and the broker's
+    request size) is ``truncated``: ``original_b64`` then holds its first bytes only, and
+    ``original_size`` and ``original_sha256`` name the whole.
+    """
 
     reason: str
     detail: str
@@ -121,4 +126,7 @@ class DeadLetter(Message):
     offset: int
     key: str | None = None
     original_b64: str
+    original_size: int = 0
+    original_sha256: str = ""
+    truncated: bool = False
     ts: float = Field(default_factory=time.time)

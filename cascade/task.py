@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from typing import Any
@@ -10,6 +11,16 @@ import pydantic_core
 
 from cascade.config import TaskConfig
 from cascade.messages import Event
+
+
+def answer_text(answer: object) -> str | None:
+    """A raw answer as text: a string as is, None as None, any other value as its JSON."""
+    if answer is None or isinstance(answer, str):
+        return answer
+    try:
+        return json.dumps(answer, ensure_ascii=False, default=repr)
+    except (ValueError, TypeError):
+        return repr(answer)
 
 
 class InvalidEvent(ValueError):
@@ -48,11 +59,18 @@ class Task:
     def _norm(s: str) -> str:
         return _PUNCT_EDGES.sub("", unicodedata.normalize("NFKC", s).strip().casefold())
 
-    def map_answer(self, answer: str | None) -> str | None:
-        """Map a raw LLM answer onto the label set; None when it names no label (never guessed)."""
-        if answer is None:
-            return None
-        return self._lookup.get(self._norm(answer))
+    def map_answer(self, answer: object) -> str | None:
+        """Map a raw LLM answer onto the label set; None when it names no label (never guessed).
+
+        Any value is accepted (a recorded answer is whatever JSON was recorded): a number or a
+        boolean maps by its JSON text (``5`` names a label ``"5"``, ``true`` a label ``"true"``),
+        anything else that is not a string (null, a list, an object) maps to None.
+        """
+        if isinstance(answer, str):
+            return self._lookup.get(self._norm(answer))
+        if isinstance(answer, (bool, int, float)):
+            return self._lookup.get(self._norm(json.dumps(answer)))
+        return None
 
     def parse_event(self, raw: bytes | str | dict[str, Any], max_bytes: int | None = None) -> Event:
         """Validate one raw event; raises InvalidEvent with the reason."""

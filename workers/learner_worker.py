@@ -68,7 +68,7 @@ class LearnerWorker(Worker):
         self.unpublished = 0
         self.published_at = time.monotonic()
 
-    def process(self, records: list[ConsumerRecord]) -> BatchResult:
+    def process_batch(self, records: list[ConsumerRecord]) -> BatchResult:
         res = BatchResult()
         demos = []
         for rec in records:

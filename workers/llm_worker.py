@@ -66,7 +66,7 @@ class LLMWorker(Worker):
         except LLMError as e:
             return e
 
-    def process(self, records: list[ConsumerRecord]) -> BatchResult:
+    def process_batch(self, records: list[ConsumerRecord]) -> BatchResult:
         res = BatchResult()
         items: dict[str, tuple[ConsumerRecord, Deferred]] = {}
         for rec in records:
@@ -137,7 +137,8 @@ class LLMWorker(Worker):
                 self.metrics.event_latency.labels(self.role).observe(time.time() - items[dec.event_id][1].first_seen)
         for demo in demos:
             res.records.append(OutRecord(self.topics.demonstrations, demo.event_id.encode(), demo.model_dump_json().encode()))
-        self.record_decided(res, [d.event_id for d in decided])
+        self.record_decided(res, [d.event_id for d in decided],
+                            [items[d.event_id][1].event.text if d.event_id in items else "" for d in decided])
         if decided:
             res.on_ack.append(lambda: self.state.put_decisions(
                 (keys[d.event_id], d) for d in decided if d.event_id in keys and cacheable(d, False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import hashlib
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from cascade.config import CascadeConfig
 from cascade.logging import get_logger
 from cascade.messages import DeadLetter, Decision
 from cascade.state import make_state
+from cascade.state.keys import NO_MARK, text_mark
 from workers.kafka_io import (
     OutRecord,
     await_acks,
@@ -55,13 +57,33 @@ class BatchResult:
     after_produce: list[Callable[[], None]] = field(default_factory=list)
 
 
-def dead_letter(topics: Topics, stage: str, rec: ConsumerRecord, reason: str, detail: str) -> OutRecord:
-    key = rec.key.decode("utf-8", "replace") if rec.key else None
+# A dead letter must fit any producer's max_request_size and the broker's default message size
+# (1 MiB) with room to spare; a larger one is truncated, never dropped.
+DEAD_LETTER_MAX_BYTES = 512 * 1024
+DEAD_LETTER_HEAD_BYTES = 64 * 1024  # what a truncated dead letter keeps of the original
+_MAX_KEY_BYTES = 1024
+
+
+def dead_letter(topics: Topics, stage: str, rec: ConsumerRecord, reason: str, detail: str,
+                max_bytes: int = DEAD_LETTER_MAX_BYTES) -> OutRecord:
+    """The dead-letter record of ``rec``: the reason, and the original bytes whole if the record
+    fits ``max_bytes``, else their first :data:`DEAD_LETTER_HEAD_BYTES` (``truncated``)."""
+    value = rec.value if isinstance(rec.value, bytes) else b""
+    key_bytes = rec.key if isinstance(rec.key, bytes) else None
+    if key_bytes is not None and len(key_bytes) > _MAX_KEY_BYTES:
+        key_bytes = hashlib.sha256(key_bytes).hexdigest().encode()
+    key = key_bytes.decode("utf-8", "replace") if key_bytes else None
     msg = DeadLetter(
         reason=reason, detail=detail[:2000], stage=stage, source_topic=rec.topic, partition=rec.partition,
-        offset=rec.offset, key=key, original_b64=base64.b64encode(rec.value or b"").decode("ascii"),
+        offset=rec.offset, key=key, original_b64=base64.b64encode(value).decode("ascii"),
+        original_size=len(value), original_sha256=hashlib.sha256(value).hexdigest(),
     )
-    return OutRecord(topics.deadletter, rec.key, msg.model_dump_json().encode())
+    out = msg.model_dump_json().encode()
+    if len(out) + len(key_bytes or b"") > max_bytes:
+        head = value[: min(DEAD_LETTER_HEAD_BYTES, max_bytes // 4)]
+        msg = msg.model_copy(update={"original_b64": base64.b64encode(head).decode("ascii"), "truncated": True})
+        out = msg.model_dump_json().encode()
+    return OutRecord(topics.deadletter, key_bytes, out)
 
 
 class Worker:
@@ -76,7 +98,7 @@ class Worker:
         self.group = group
         self.metrics = WorkerMetrics(self.role)
         port = config.server.metrics_port if metrics_port is None else metrics_port
-        self.health = HealthServer(self.metrics, port)
+        self.health = HealthServer(self.metrics, port, host=config.server.metrics_host)
         self.stopping = False
         self.state = make_state(config)
         self._deciding: set[str] = set()  # decided in a batch whose outputs are still in flight
@@ -93,29 +115,83 @@ class Worker:
         hits = dict(zip(ids, cached))
         return [(i, hits[i]) for i in self._fresh(ids, seen, deciding)]
 
+    def undecided_checked(self, ids: Sequence[str], cache_keys: Sequence[str],
+                          texts: Sequence[str]) -> tuple[list[tuple[str, Decision | None]], list[str]]:
+        """:meth:`undecided_with_cache`, and the ids decided before with another text (conflicts:
+        the idempotency record keeps a mark of the text each id was decided with)."""
+        deciding = self._deciding.copy()
+        marks, cached = self.state.marks_and_decisions(ids, cache_keys)
+        conflicts = [i for i, m, t in zip(ids, marks, texts) if m is not None and m != NO_MARK and m != text_mark(t)]
+        hits = dict(zip(ids, cached))
+        fresh = self._fresh(ids, [m is not None for m in marks], deciding)
+        return [(i, hits[i]) for i in fresh], conflicts
+
     @staticmethod
     def _fresh(ids: Sequence[str], seen: Sequence[bool], deciding: set[str]) -> list[str]:
         return [i for i, done in zip(ids, seen) if not done and i not in deciding]
 
-    def record_decided(self, result: BatchResult, ids: Sequence[str]) -> None:
+    def record_decided(self, result: BatchResult, ids: Sequence[str], texts: Sequence[str] | None = None) -> None:
         """Once ``result`` is acknowledged, record ``ids`` as decided (the idempotency record).
 
         Until then they are in ``_deciding``. The recorder thread writes the record first and only
         then takes them out, so an id read as not decided from a copy of ``_deciding`` taken before
-        the state-store read is truly undecided.
+        the state-store read is truly undecided. With ``texts``, the record keeps a mark of each
+        id's text (see :meth:`undecided_checked`).
         """
         ids = list(ids)
         if not ids:
             return
         self._deciding.update(ids)
+        marks = None if texts is None else [text_mark(t) for t in texts]
 
         def record() -> None:
-            self.state.claim_events(ids)
+            self.state.claim_events(ids, marks=marks)
             self._deciding.difference_update(ids)
 
         result.on_ack.append(record)
 
     def process(self, records: list[ConsumerRecord]) -> BatchResult:
+        """:meth:`process_batch`, with a failure isolated to the event that caused it.
+
+        A batch that raises is processed again one event at a time; an event that raises alone
+        is dead-lettered (``processing_error``, with the exception) and the worker goes on. Steps
+        of the failed attempt that already ran (budget taken, demonstrations learned) are not
+        undone: rare, and each is at worst counted twice.
+        """
+        try:
+            return self._attempt(records)
+        except Exception as e:
+            if len(records) == 1:
+                return self._failed(records[0], e)
+            log.warning("batch_failed_isolating", role=self.role, records=len(records), error=repr(e)[:500])
+        res = BatchResult()
+        for rec in records:
+            try:
+                one = self._attempt([rec])
+            except Exception as e:
+                one = self._failed(rec, e)
+            res.records.extend(one.records)
+            res.on_ack.extend(one.on_ack)
+            res.after_produce.extend(one.after_produce)
+        return res
+
+    def _attempt(self, records: list[ConsumerRecord]) -> BatchResult:
+        before = self._deciding.copy()
+        try:
+            return self.process_batch(records)
+        except Exception:
+            # Ids a failed attempt marked in flight will not be recorded by it: unmark them.
+            self._deciding.intersection_update(before)
+            raise
+
+    def _failed(self, rec: ConsumerRecord, e: Exception) -> BatchResult:
+        detail = f"{type(e).__name__}: {e}"
+        log.error("processing_error", role=self.role, topic=getattr(rec, "topic", None),
+                  partition=getattr(rec, "partition", None), offset=getattr(rec, "offset", None), error=detail[:500])
+        self.metrics.dead_letters.labels(self.role, "processing_error").inc()
+        return BatchResult(records=[dead_letter(self.topics, self.role, rec, "processing_error", detail)])
+
+    def process_batch(self, records: list[ConsumerRecord]) -> BatchResult:
         raise NotImplementedError
 
     def idle(self) -> None:

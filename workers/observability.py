@@ -51,7 +51,7 @@ class WorkerMetrics:
 class HealthServer:
     """/healthz: the process loop is alive (beat recently); /readyz: it has joined and is consuming."""
 
-    def __init__(self, metrics: WorkerMetrics, port: int, stale_after_s: float = 60.0) -> None:
+    def __init__(self, metrics: WorkerMetrics, port: int, stale_after_s: float = 60.0, host: str = "127.0.0.1") -> None:
         self.metrics = metrics
         self.ready = False
         self.last_beat = time.monotonic()
@@ -80,7 +80,7 @@ class HealthServer:
             def log_message(self, *args: object) -> None:  # probes every few seconds would flood the log
                 pass
 
-        self.httpd = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, name="health", daemon=True).start()
 
@@ -116,6 +116,8 @@ class LagSampler:
                 self.metrics.lag.labels(self.metrics.role).set(lag)
             except Exception as e:  # lag is for dashboards; never stop for it
                 log.warning("lag_probe_failed", error=str(e))
+                # A stale number would read as current: no value until a probe succeeds again.
+                self.metrics.lag.labels(self.metrics.role).set(float("nan"))
             if self._stop.wait(self.every_s):
                 return
 

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from kafka import KafkaConsumer
@@ -35,14 +36,35 @@ def worker_commands(config_path: Path, tiers: list[str], base_port: int) -> list
     return [(role, [*cmd, "--metrics-port", str(base_port + i)]) for i, (role, cmd) in enumerate(roles)]
 
 
-def start_workers(config: CascadeConfig, run_dir: Path, base_port: int) -> list[subprocess.Popen]:
+def write_worker_config(config: CascadeConfig, run_dir: Path) -> tuple[Path, dict[str, str]]:
+    """The config file the workers read, and the environment they get their secrets from.
+
+    Secrets (the password in the Redis URL, the LLM API key) never go into the file: they travel
+    as ``CASCADE_*`` environment variables, which ``load_config`` reads over the file.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
+    dumped = config.model_dump(mode="json")
+    secrets: dict[str, str] = {}
+    url = urlsplit(config.redis.url)
+    if url.password is not None or url.username is not None:
+        secrets["CASCADE_REDIS__URL"] = config.redis.url
+        host = url.netloc.rpartition("@")[2]
+        dumped["redis"]["url"] = urlunsplit(url._replace(netloc=host))
+    if config.llm.api_key is not None:
+        secrets["CASCADE_LLM__API_KEY"] = config.llm.api_key.get_secret_value()
+        dumped["llm"].pop("api_key", None)
     config_path = run_dir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    config_path.write_text(yaml.safe_dump(dumped))
+    return config_path, secrets
+
+
+def start_workers(config: CascadeConfig, run_dir: Path, base_port: int) -> list[subprocess.Popen]:
+    config_path, secrets = write_worker_config(config, run_dir)
+    env = {**os.environ, **secrets, "CASCADE_CONFIG": str(config_path)}
     procs = []
     for role, cmd in worker_commands(config_path, [t.name for t in config.tiers], base_port):
         logf = (run_dir / f"{role}.log").open("ab")
-        procs.append(subprocess.Popen(cmd, stdout=logf, stderr=logf, env={**os.environ, "CASCADE_CONFIG": str(config_path)}))
+        procs.append(subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env))
         log.info("worker_started", role=role, pid=procs[-1].pid, log=str(run_dir / f"{role}.log"))
     return procs
 

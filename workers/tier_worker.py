@@ -15,7 +15,7 @@ from cascade.logging import get_logger
 from cascade.messages import Decision, Deferred
 from cascade.routing.build import build_stage
 from cascade.routing.steps import price_deferral, route_stage
-from cascade.state.keys import cache_keys
+from cascade.state.keys import cache_keys, text_mark
 from cascade.task import InvalidEvent, Task
 from workers.kafka_io import OutRecord
 from workers.loop import BatchResult, Worker, dead_letter
@@ -75,19 +75,35 @@ class TierWorker(Worker):
         log.warning("dead_lettered", reason=reason, topic=rec.topic, partition=rec.partition, offset=rec.offset)
         return None
 
-    def process(self, records: list[ConsumerRecord]) -> BatchResult:
+    def _conflict(self, rec: ConsumerRecord, res: BatchResult) -> None:
+        """An id decided (or seen in this batch) with another text: not a redelivery, not decided twice."""
+        res.records.append(dead_letter(self.topics, self.role, rec, "id_conflict", "event id seen before with a different text"))
+        self.metrics.dead_letters.labels(self.role, "id_conflict").inc()
+        log.warning("dead_lettered", reason="id_conflict", topic=rec.topic, partition=rec.partition, offset=rec.offset)
+
+    def process_batch(self, records: list[ConsumerRecord]) -> BatchResult:
         res = BatchResult()
         items: dict[str, Deferred] = {}
+        recs: dict[str, ConsumerRecord] = {}
         now = time.time()
         for rec in records:
             d = self._parse(rec, res, now)
-            if d is not None and d.event.id not in items:  # a repeat inside one batch is a duplicate
-                items[d.event.id] = d
-            elif d is not None:
+            if d is None:
+                continue
+            if d.event.id not in items:
+                items[d.event.id], recs[d.event.id] = d, rec
+            elif self.first and text_mark(d.event.text) != text_mark(items[d.event.id].event.text):
+                self._conflict(rec, res)
+            else:  # a repeat inside one batch is a duplicate
                 self.metrics.duplicates.labels(self.role).inc()
         ids = list(items)
         if self.first:  # the cache answers before any tier runs; events passed up were looked up there already
-            fresh = self.undecided_with_cache(ids, cache_keys(self.task.name, self.task.labels, [items[i].event.text for i in ids]))
+            texts = [items[i].event.text for i in ids]
+            fresh, conflicts = self.undecided_checked(ids, cache_keys(self.task.name, self.task.labels, texts), texts)
+            for i in conflicts:  # decided before, so never fresh: dead-lettered instead of dropped
+                self._conflict(recs[i], res)
+            if conflicts:
+                ids = [i for i in ids if i not in set(conflicts)]
         else:
             fresh = [(i, None) for i in self.undecided(ids)]
         self.metrics.duplicates.labels(self.role).inc(len(ids) - len(fresh))
@@ -114,7 +130,7 @@ class TierWorker(Worker):
         res.records.extend(
             OutRecord(self.topics.decisions, d.event_id.encode(), d.model_dump_json().encode()) for d in decided
         )
-        self.record_decided(res, [d.event_id for d in decided])
+        self.record_decided(res, [d.event_id for d in decided], [items[d.event_id].event.text for d in decided])
         if decided and self.config.state.cache_cheap_answers:
             answered = [d for d in decided if d.reason == "tier"]
             answered_keys = cache_keys(self.task.name, self.task.labels, [items[d.event_id].event.text for d in answered])

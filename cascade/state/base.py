@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Self
 
 from cascade.config import BudgetConfig, StateConfig
 from cascade.messages import Decision, LiveParams, RoutingSnapshot
+from cascade.state.keys import NO_MARK
 from cascade.state.records import (
     BudgetLimit,
     BudgetRequest,
@@ -66,12 +67,17 @@ class StateStore(ABC):
 
     def seen_and_decisions(self, ids: Sequence[str], keys: Sequence[str]) -> tuple[list[bool], list[Decision | None]]:
         """``seen(ids)`` and ``get_decisions(keys, ids)`` together: one round trip to a remote store."""
+        marks, decisions = self.marks_and_decisions(ids, keys)
+        return [m is not None for m in marks], decisions
+
+    def marks_and_decisions(self, ids: Sequence[str], keys: Sequence[str]) -> tuple[list[str | None], list[Decision | None]]:
+        """``marks(ids)`` and ``get_decisions(keys, ids)`` together: one round trip to a remote store."""
         if len(ids) != len(keys):
             raise ValueError("ids and keys differ in length")
         if not ids:
             return [], []
-        seen, records = self._seen_and_cached(ids, keys)
-        return seen, self._answers(records, ids)
+        marks, records = self._marks_and_cached(ids, keys)
+        return marks, self._answers(records, ids)
 
     def _answers(self, records: Sequence[CachedDecision | None], event_ids: Sequence[str] | None) -> list[Decision | None]:
         hits = sum(r is not None for r in records)
@@ -81,9 +87,9 @@ class StateStore(ABC):
             for i, r in enumerate(records)
         ]
 
-    def _seen_and_cached(self, ids: Sequence[str], keys: Sequence[str]) -> tuple[list[bool], list[CachedDecision | None]]:
+    def _marks_and_cached(self, ids: Sequence[str], keys: Sequence[str]) -> tuple[list[str | None], list[CachedDecision | None]]:
         """Stores that can pipeline both reads override this."""
-        return self.seen(ids), self._get_cached(keys)
+        return self.marks(ids), self._get_cached(keys)
 
     def put_decisions(self, items: Iterable[tuple[str, Decision]], ttl_s: float | None = None) -> int:
         """Cache the cacheable decisions (see ``records.cacheable``); returns how many were written."""
@@ -218,24 +224,35 @@ class StateStore(ABC):
 
     # ------------------------------------------------------------------ idempotency
 
-    def claim_events(self, ids: Sequence[str], ttl_s: float | None = None) -> list[bool]:
-        """True for each id seen for the first time (now claimed); False for a redelivery."""
+    def claim_events(self, ids: Sequence[str], ttl_s: float | None = None, marks: Sequence[str] | None = None) -> list[bool]:
+        """True for each id seen for the first time (now claimed); False for a redelivery.
+
+        ``marks``: what to record of each event (``keys.text_mark`` of its text), so an id seen
+        again with another text can be told apart (see :meth:`marks`); else ``keys.NO_MARK``.
+        """
         if not ids:
             return []
-        claimed = self._claim(ids, self._ttl(ttl_s, self.state_config.idempotency_ttl_s))
+        if marks is not None and len(marks) != len(ids):
+            raise ValueError("ids and marks differ in length")
+        claimed = self._claim(ids, self._ttl(ttl_s, self.state_config.idempotency_ttl_s),
+                              list(marks) if marks is not None else [NO_MARK] * len(ids))
         new = sum(claimed)
         self._count(self.stats, events_claimed=new, events_duplicate=len(ids) - new)
         return claimed
 
     @abstractmethod
-    def _claim(self, ids: Sequence[str], ttl_s: float) -> list[bool]: ...
+    def _claim(self, ids: Sequence[str], ttl_s: float, marks: Sequence[str]) -> list[bool]: ...
 
     @abstractmethod
     def release_events(self, ids: Sequence[str]) -> None:
         """Forget claims (producing the decision failed), so a retry can claim them again."""
 
+    def seen(self, ids: Sequence[str]) -> list[bool]:
+        return [m is not None for m in self.marks(ids)]
+
     @abstractmethod
-    def seen(self, ids: Sequence[str]) -> list[bool]: ...
+    def marks(self, ids: Sequence[str]) -> list[str | None]:
+        """What each id was claimed with (its text's mark, or ``NO_MARK``); None if never claimed."""
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -33,6 +33,16 @@ def cache_keys(task_name: str, labels: Iterable[str], texts: Iterable[str]) -> l
     return keys
 
 
+def text_mark(text: str) -> str:
+    """A short hash of the normalised text: what the idempotency record keeps of an event, so an
+    id seen again with a different text can be told from a redelivery."""
+    return hashlib.blake2b(normalize_text(text).encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+# What an id claimed without its text's mark is recorded with: it conflicts with nothing.
+NO_MARK = "1"
+
+
 class KeySpace:
     """Every key the state layer uses, under one prefix."""
 

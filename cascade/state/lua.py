@@ -114,12 +114,12 @@ return {v, blob}
 """
 
 # Claim event ids: SET NX with an expiry for each key, in one command. KEYS: the event keys.
-# ARGV: the expiry in ms. Returns 1 per key claimed now, 0 per key claimed before. (A pipeline
+# ARGV: the expiry in ms, then what to record per key (its text mark). Returns 1 per key claimed now, 0 per key claimed before. (A pipeline
 # of SETs costs redis-py a command's packing and parsing per event, more than the tier's model.)
 CLAIM = """
 local out = {}
 for i, key in ipairs(KEYS) do
-  out[i] = redis.call('SET', key, '1', 'NX', 'PX', ARGV[1]) and 1 or 0
+  out[i] = redis.call('SET', key, ARGV[i + 1] or '1', 'NX', 'PX', ARGV[1]) and 1 or 0
 end
 return out
 """

@@ -217,14 +217,14 @@ class MemoryState(StateStore):
 
     # ------------------------------------------------------------------ idempotency
 
-    def _claim(self, ids: Sequence[str], ttl_s: float) -> list[bool]:
+    def _claim(self, ids: Sequence[str], ttl_s: float, marks: Sequence[str]) -> list[bool]:
         with self._lock:
             expires = self._clock() + ttl_s
             out = []
-            for i in ids:
+            for i, mark in zip(ids, marks):
                 new = self._events.get(i) is None
                 if new:
-                    self._events.set(i, True, expires)
+                    self._events.set(i, mark, expires)
                 out.append(new)
             return out
 
@@ -233,9 +233,9 @@ class MemoryState(StateStore):
             for i in ids:
                 self._events.delete(i)
 
-    def seen(self, ids: Sequence[str]) -> list[bool]:
+    def marks(self, ids: Sequence[str]) -> list[str | None]:
         with self._lock:
-            return [self._events.get(i) is not None for i in ids]
+            return [self._events.get(i) for i in ids]
 
     def ping(self) -> bool:
         return True

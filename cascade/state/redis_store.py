@@ -85,6 +85,10 @@ class _Backoff:
             return None if since is None else self._clock() - since
 
 
+def _marks(raw: Sequence[bytes | None]) -> list[str | None]:
+    return [None if r is None else r.decode("utf-8", "replace") for r in raw]
+
+
 def _cached(raw: Sequence[bytes | None]) -> list[CachedDecision | None]:
     return [None if b is None else CachedDecision.model_validate_json(b) for b in raw]
 
@@ -167,7 +171,7 @@ class RedisState(StateStore):
         full = [self.keys.cache + k for k in keys]
         return _cached(self._call("get_decisions", lambda: self.client.mget(full), [None] * len(keys)))
 
-    def _seen_and_cached(self, ids: Sequence[str], keys: Sequence[str]) -> tuple[list[bool], list[CachedDecision | None]]:
+    def _marks_and_cached(self, ids: Sequence[str], keys: Sequence[str]) -> tuple[list[str | None], list[CachedDecision | None]]:
         def read() -> list[list[bytes | None]]:
             pipe = self.client.pipeline(transaction=False)
             pipe.mget([self.keys.event + i for i in ids])
@@ -175,8 +179,8 @@ class RedisState(StateStore):
             return pipe.execute()
 
         missing: list[list[bytes | None]] = [[None] * len(ids), [None] * len(keys)]
-        seen, cached = self._call("seen_and_decisions", read, missing)
-        return [r is not None for r in seen], _cached(cached)
+        marks, cached = self._call("seen_and_decisions", read, missing)
+        return _marks(marks), _cached(cached)
 
     def _put_cached(self, records: Sequence[tuple[str, CachedDecision]], ttl_s: float) -> None:
         px = max(1, int(ttl_s * 1000))
@@ -353,11 +357,11 @@ class RedisState(StateStore):
 
     # ------------------------------------------------------------------ idempotency
 
-    def _claim(self, ids: Sequence[str], ttl_s: float) -> list[bool]:
+    def _claim(self, ids: Sequence[str], ttl_s: float, marks: Sequence[str]) -> list[bool]:
         px = max(1, int(ttl_s * 1000))
 
         def claim() -> list[bool]:
-            return [r == 1 for r in self._claim_script(keys=[self.keys.event + i for i in ids], args=[px])]
+            return [r == 1 for r in self._claim_script(keys=[self.keys.event + i for i in ids], args=[px, *marks])]
 
         # Unreachable: every event counts as new, so workers keep answering (a redelivery
         # during an outage may be answered twice).
@@ -368,13 +372,12 @@ class RedisState(StateStore):
             full = [self.keys.event + i for i in ids]
             self._call("release_events", lambda: self.client.delete(*full), None)
 
-    def seen(self, ids: Sequence[str]) -> list[bool]:
+    def marks(self, ids: Sequence[str]) -> list[str | None]:
         if not ids:
             return []
         full = [self.keys.event + i for i in ids]
         missing: list[bytes | None] = [None] * len(ids)
-        raw = self._call("seen", lambda: self.client.mget(full), missing)
-        return [r is not None for r in raw]
+        return _marks(self._call("seen", lambda: self.client.mget(full), missing))
 
     # ------------------------------------------------------------------ lifecycle
 

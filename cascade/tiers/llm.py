@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cascade.config import LLMConfig
 from cascade.messages import Event, LLMAnswer
-from cascade.task import Task
+from cascade.task import Task, answer_text
 from cascade.tiers.registry import build_backend
 
 CIRCUIT_OPEN = "circuit_open"  # the reason of a call refused by an open circuit breaker
@@ -54,14 +54,14 @@ class RecordedAnswers(LLMBackend):
 
     def __init__(self, task: Task, config: LLMConfig) -> None:
         super().__init__(task, config)
-        self._by_id: dict[str, str | None] = {}
+        self._by_id: dict[str, object] = {}
         if config.recorded_path is not None:
             for row in _read_jsonl(config.recorded_path):
                 answers = row.get(config.recorded_field) or {}
                 if config.name in answers:
                     self._by_id[str(row["id"])] = answers[config.name]
 
-    def recorded(self, event: Event) -> tuple[bool, str | None]:
+    def recorded(self, event: Event) -> tuple[bool, object]:
         """(found, raw answer); an answer recorded as null is found and unusable."""
         carried = event.payload.get(self.config.recorded_field)
         if isinstance(carried, dict) and self.name in carried:
@@ -76,7 +76,8 @@ class RecordedAnswers(LLMBackend):
             found, raw = self.recorded(e)
             if not found:
                 raise LLMError("no_recorded_answer", f"event {e.id} has no answer of {self.name}", retryable=False)
-            out.append(LLMAnswer(raw=raw, label=self.task.map_answer(raw), cost=self.config.cost))
+            # A recorded answer may be any JSON value: LLMAnswer.raw holds its text.
+            out.append(LLMAnswer(raw=answer_text(raw), label=self.task.map_answer(raw), cost=self.config.cost))
         return out
 
 

@@ -19,6 +19,7 @@ import redis
 from cascade.config import BudgetConfig, RedisConfig, StateConfig
 from cascade.messages import Decision, LiveParams, RoutingSnapshot
 from cascade.state import BudgetLimit, BudgetRequest, MemoryState, StateStore, StateUnavailable
+from cascade.state.keys import NO_MARK
 from cascade.state.redis_store import RedisState
 from devtools.services import RedisHandle
 
@@ -218,6 +219,11 @@ def test_idempotency_claims_and_release(make_store: StoreFactory) -> None:
     seen, hits = s.seen_and_decisions(["a", "z"], ["k1", "k2"])
     assert seen == [True, False] and hits[0] is not None and hits[0].event_id == "a" and hits[1] is None
     assert hits == s.get_decisions(["k1", "k2"], ["a", "z"])
+    # The idempotency record keeps what each id was claimed with: a mark of its text, or NO_MARK.
+    assert s.claim_events(["m1", "m2", "a"], marks=["t1", "t2", "t3"]) == [True, True, False]
+    assert s.marks(["m1", "m2", "a", "z"]) == ["t1", "t2", NO_MARK, None]
+    marks, hits = s.marks_and_decisions(["m1", "z"], ["k1", "k2"])
+    assert marks == ["t1", None] and hits[0] is not None and hits[1] is None
     assert s.seen_and_decisions([], []) == ([], [])
 
 

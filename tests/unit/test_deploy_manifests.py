@@ -416,7 +416,10 @@ def test_probes_and_ports_match_what_workers_serve(name: str, tmp_path: Path, mo
     server = health_server
     for d in of_kind(resources, "Deployment"):
         c = container(d)
-        port = metrics_port(d, config_of(resources, d, tmp_path, monkeypatch))
+        config = config_of(resources, d, tmp_path, monkeypatch)
+        port = metrics_port(d, config)
+        # The kubelet and Prometheus come from outside the pod: the default (127.0.0.1) would lock them out.
+        assert config.server.metrics_host == "0.0.0.0"
         named = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert named == {"metrics": port}
         server.ready = False

@@ -163,6 +163,8 @@ def test_batch_features_equal_one_text_at_a_time(features):
     # Non-ASCII, with capital sigmas, whose lowercase depends on what follows: a batch is
     # lowercased joined, so a text's end must read as the end of a word there too.
     unicode = ["Ünïcödé WÖRDS, 123 and it's ok?", "ΟΔΟΣ", "ΣΑΣ", "Σ", "ὈΔΥΣΣΕΎΣ σοφός", "ǅemal ﬁnd"]
+    # NUL inside a text (the batch's separator): a gap between words, never the end of a text.
+    unicode += ["a\x00b", "\x00", "ΟΔΟΣ\x00x", "two\x00\x00words here\x00"]
     rng.shuffle(texts)  # empty and one-word texts between others: no n-gram may span two texts
     mixed = [t for pair in itertools.zip_longest(texts, unicode) for t in pair if t is not None]
     featurizer = HashedNgrams(config)

@@ -40,3 +40,14 @@ def test_invalid_events_say_why(task, raw, reason):
     with pytest.raises(InvalidEvent) as err:
         task.parse_event(raw, max_bytes=150)
     assert err.value.reason == reason
+
+
+@pytest.mark.parametrize("answer", [5, 5.5, -1, True, False, [], ["hate"], {"label": "hate"}, float("nan"), 10**40])
+def test_map_answer_takes_any_json_value(task, answer):
+    """A recorded answer may be any JSON value: none names a label here, and none raises."""
+    assert task.map_answer(answer) is None
+
+
+def test_map_answer_maps_a_number_by_its_json_text():
+    stars = Task(TaskConfig(labels=["1", "5", "true"]))
+    assert (stars.map_answer(5), stars.map_answer("5"), stars.map_answer(True), stars.map_answer(5.0)) == ("5", "5", "true", None)
