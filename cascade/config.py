@@ -9,6 +9,7 @@ with a message naming the field.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -243,11 +244,29 @@ class KafkaConfig(_Section):
     heartbeat_interval_ms: int = Field(1000, gt=0)
     max_poll_records: int = Field(256, gt=0)
     max_event_bytes: int = Field(100_000, gt=0)
+    # Attaching to a real stream: the first tier reads these existing topics (or every topic the
+    # pattern matches) instead of {topic_prefix}events; they are never created by the system.
+    input_topics: list[str] = Field(
+        default_factory=list, description="existing topics the first tier reads; empty: {topic_prefix}events"
+    )
+    input_pattern: str | None = Field(None, description="regex subscription for the first tier's input")
+    decisions_topic: str | None = Field(None, description="where decisions go; default {topic_prefix}decisions")
 
     @model_validator(mode="after")
     def _heartbeat_below_session(self) -> KafkaConfig:
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
+        return self
+
+    @model_validator(mode="after")
+    def _one_input_kind(self) -> KafkaConfig:
+        if self.input_topics and self.input_pattern:
+            raise ValueError("set input_topics or input_pattern, not both")
+        if self.input_pattern is not None:
+            try:
+                re.compile(self.input_pattern)
+            except re.error as e:
+                raise ValueError(f"input_pattern is not a valid regex: {e}") from None
         return self
 
 

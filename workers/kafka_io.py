@@ -71,6 +71,7 @@ __all__ = [
     "next_offsets",
     "poll_records",
     "produce_and_flush",
+    "require_topics",
     "topic_partitions",
     "total_lag",
 ]
@@ -148,6 +149,23 @@ def ensure_topics(
         admin.wait_for_topics(names, timeout_ms=int(timeout_s * 1000))
     finally:
         admin.close()
+
+
+def require_topics(bootstrap: str, names: Sequence[str], *, timeout_s: float = 30.0) -> None:
+    """Fail clearly unless every topic of ``names`` exists (the user's input topics: never created)."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        return
+    admin = _admin(bootstrap, timeout_s, "cascade-admin")
+    try:
+        missing = sorted(t["name"] for t in admin.describe_topics(names) if t.get("error_code", 0) != 0)
+    finally:
+        admin.close()
+    if missing:
+        raise KafkaError(
+            f"input topics {missing} do not exist on {bootstrap}; kafka.input_topics must name existing "
+            "topics (the cascade creates only its own, under kafka.topic_prefix)"
+        )
 
 
 def topic_partitions(bootstrap: str, topics: Sequence[str], *, timeout_s: float = 10.0) -> list[TopicPartition]:
@@ -311,9 +329,12 @@ def make_consumer(
     max_poll_interval_ms: int = 300_000,
     fetch_max_wait_ms: int = 100,
     listener: ConsumerRebalanceListener | None = None,
+    pattern: str | None = None,
     **overrides: Any,
 ) -> KafkaConsumer:
     """A group member with manual commits that starts from the earliest offset.
+
+    ``pattern``: subscribe to every topic matching this regex (with ``topics`` empty).
 
     ``fetch_max_wait_ms`` is low because this is a streaming system: an idle partition
     should not hold back a poll for half a second.
@@ -337,7 +358,10 @@ def make_consumer(
     consumer = KafkaConsumer(**conf)
     if not conf["allow_auto_create_topics"]:
         _forbid_topic_auto_creation(getattr(consumer, "_cluster", None))
-    consumer.subscribe(list(topics), listener=listener)
+    if pattern is not None:
+        consumer.subscribe(pattern=pattern, listener=listener)
+    else:
+        consumer.subscribe(list(topics), listener=listener)
     return consumer
 
 

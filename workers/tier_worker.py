@@ -31,7 +31,8 @@ class TierWorker(Worker):
         if tier not in names:
             raise ValueError(f"unknown tier {tier!r}; configured tiers: {names}")
         topics = Topics(config)
-        super().__init__(config, [topics.input_of(tier)], topics.group(self.role), metrics_port)
+        self.input_pattern = topics.pattern_of(tier)
+        super().__init__(config, topics.inputs_of(tier), topics.group(self.role), metrics_port)
         self.task = Task(config.task)
         self.stage = build_stage(config, names.index(tier))
         self.stage.rng.seed(config.seed * 1_000_003 + os.getpid())  # replicas must not explore in lockstep
