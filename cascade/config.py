@@ -292,6 +292,9 @@ class BudgetConfig(_Section):
     money_per_day: float | None = Field(None, gt=0)
     on_exhausted: Literal["cheap_tier", "hold"] = "cheap_tier"
     fail_closed: bool = Field(False, description="refuse LLM calls when the budget store is unreachable")
+    scope: str | None = Field(
+        None, description="a named budget shared on purpose by every pipeline that names it; None: the pipeline's own"
+    )
 
 
 class ServerConfig(_Section):
@@ -311,6 +314,10 @@ class CascadeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
     seed: int = 0
+    # Scopes every Redis key (idempotency, cache, registry, live parameters, routing, budgets):
+    # two pipelines on one Redis never see each other's state. Default: kafka.topic_prefix
+    # without its trailing separator ("cascade." -> "cascade").
+    pipeline: str | None = Field(None, description="name scoping this pipeline's Redis state; default from kafka.topic_prefix")
     task: TaskConfig = Field(default_factory=TaskConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
     tiers: list[AnyTierConfig] = Field(default_factory=_default_tiers, min_length=1)
@@ -321,6 +328,14 @@ class CascadeConfig(BaseModel):
     state: StateConfig = Field(default_factory=StateConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _pipeline_named(self) -> CascadeConfig:
+        if self.pipeline is None:
+            self.pipeline = self.kafka.topic_prefix.rstrip(".:-_") or "cascade"
+        elif not self.pipeline or any(c in self.pipeline for c in " {}*?[]"):
+            raise ValueError("pipeline must be a non-empty name without spaces, braces or glob characters")
+        return self
 
     @model_validator(mode="after")
     def _tier_names_unique(self) -> CascadeConfig:

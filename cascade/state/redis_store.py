@@ -99,10 +99,11 @@ class RedisState(StateStore):
         backoff_base_s: float = 0.1,
         backoff_cap_s: float = 2.0,
         max_connections: int | None = 64,
+        pipeline: str | None = None,
     ) -> None:
         super().__init__(state, budget)
         self.redis_config = rc = redis_config or RedisConfig()
-        self.keys = KeySpace(rc.key_prefix)
+        self.keys = KeySpace(rc.key_prefix, pipeline, budget.scope if budget is not None else None)
         # One quick retry on a connection error only: it transparently replaces a pooled
         # connection that a server restart killed. Timeouts are not retried: the command may
         # have run, and a repeated budget take would count twice.
