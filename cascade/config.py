@@ -251,12 +251,37 @@ class KafkaConfig(_Section):
     )
     input_pattern: str | None = Field(None, description="regex subscription for the first tier's input")
     decisions_topic: str | None = Field(None, description="where decisions go; default {topic_prefix}decisions")
+    # Security of every Kafka client the system creates (cascade/security.py kafka_client_kwargs).
+    # The password comes from sasl_password (env CASCADE_KAFKA__SASL_PASSWORD) or sasl_password_file;
+    # it is never logged nor written out.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = Field(None, description="file holding the SASL password (first line)")
+    ssl_cafile: Path | None = Field(None, description="CA bundle that signed the brokers' certificates")
+    ssl_certfile: Path | None = Field(None, description="client certificate (mutual TLS)")
+    ssl_keyfile: Path | None = Field(None, description="client certificate's private key (mutual TLS)")
+    ssl_check_hostname: bool = True
 
     @model_validator(mode="after")
     def _heartbeat_below_session(self) -> KafkaConfig:
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
         return self
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL_"):
+            if self.sasl_mechanism is None or not self.sasl_username:
+                raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism and sasl_username")
+        elif self.sasl_mechanism is not None:
+            raise ValueError("sasl_mechanism is set but security_protocol is not SASL_PLAINTEXT or SASL_SSL")
+        return self
+
+    @field_serializer("sasl_password")
+    def _no_password_in_dumps(self, password: SecretStr | None) -> None:
+        return None  # cascade run passes it to its workers by environment
 
     @model_validator(mode="after")
     def _one_input_kind(self) -> KafkaConfig:
@@ -274,6 +299,23 @@ class RedisConfig(_Section):
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "cascade:"
     socket_timeout_s: float = Field(1.0, gt=0)
+    # TLS: a rediss:// url; ssl_ca_file names the CA when it is not in the system store.
+    # ACL: username and password (env CASCADE_REDIS__PASSWORD, or password_file); a password
+    # inside the url works too but is better kept out of files. Never logged nor written out.
+    ssl_ca_file: Path | None = Field(None, description="CA bundle for a rediss:// server")
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = Field(None, description="file holding the Redis password (first line)")
+
+    @model_validator(mode="after")
+    def _tls_url(self) -> RedisConfig:
+        if self.ssl_ca_file is not None and not self.url.startswith("rediss://"):
+            raise ValueError("ssl_ca_file needs a rediss:// url")
+        return self
+
+    @field_serializer("password")
+    def _no_password_in_dumps(self, password: SecretStr | None) -> None:
+        return None  # cascade run passes it to its workers by environment
 
 
 class StateConfig(_Section):

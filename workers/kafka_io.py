@@ -54,6 +54,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from cascade.config import KafkaConfig
 from cascade.logging import get_logger
+from cascade.security import kafka_client_kwargs
 
 log = get_logger("workers.kafka_io")
 
@@ -63,6 +64,7 @@ __all__ = [
     "OutRecord",
     "ProduceError",
     "TopicPartition",
+    "client_kwargs",
     "commit_batch",
     "consumer_lag",
     "ensure_topics",
@@ -105,15 +107,24 @@ def _forbid_topic_auto_creation(cluster: object | None) -> None:
         log.warning("kafka.auto_create_guard_unavailable", reason="kafka-python internals changed")
 
 
-def _admin(bootstrap: str, timeout_s: float, client_id: str) -> KafkaAdminClient:
+Brokers = str | KafkaConfig
+"""Where the cluster is: a bootstrap string (no security) or the Kafka config (with its security)."""
+
+
+def client_kwargs(brokers: Brokers) -> dict[str, Any]:
+    """``bootstrap_servers`` and, from a config, its security arguments (cascade/security.py)."""
+    return {"bootstrap_servers": brokers} if isinstance(brokers, str) else kafka_client_kwargs(brokers)
+
+
+def _admin(bootstrap: Brokers, timeout_s: float, client_id: str) -> KafkaAdminClient:
     ms = int(timeout_s * 1000)
     return KafkaAdminClient(
-        bootstrap_servers=bootstrap, client_id=client_id, bootstrap_timeout_ms=ms, request_timeout_ms=ms
+        **client_kwargs(bootstrap), client_id=client_id, bootstrap_timeout_ms=ms, request_timeout_ms=ms
     )
 
 
 def ensure_topics(
-    bootstrap: str,
+    bootstrap: Brokers,
     names: Sequence[str],
     partitions: int,
     replication_factor: int = 1,
@@ -151,7 +162,7 @@ def ensure_topics(
         admin.close()
 
 
-def require_topics(bootstrap: str, names: Sequence[str], *, timeout_s: float = 30.0) -> None:
+def require_topics(bootstrap: Brokers, names: Sequence[str], *, timeout_s: float = 30.0) -> None:
     """Fail clearly unless every topic of ``names`` exists (the user's input topics: never created)."""
     names = list(dict.fromkeys(names))
     if not names:
@@ -163,12 +174,13 @@ def require_topics(bootstrap: str, names: Sequence[str], *, timeout_s: float = 3
         admin.close()
     if missing:
         raise KafkaError(
-            f"input topics {missing} do not exist on {bootstrap}; kafka.input_topics must name existing "
+            f"input topics {missing} do not exist on {client_kwargs(bootstrap)['bootstrap_servers']}; "
+            "kafka.input_topics must name existing "
             "topics (the cascade creates only its own, under kafka.topic_prefix)"
         )
 
 
-def topic_partitions(bootstrap: str, topics: Sequence[str], *, timeout_s: float = 10.0) -> list[TopicPartition]:
+def topic_partitions(bootstrap: Brokers, topics: Sequence[str], *, timeout_s: float = 10.0) -> list[TopicPartition]:
     """All partitions of the given (existing) topics, from broker metadata."""
     admin = _admin(bootstrap, timeout_s, "cascade-admin")
     try:
@@ -233,7 +245,7 @@ def make_producer(
     """
     request_timeout_ms = min(15_000, int(delivery_timeout_s * 1000) - linger_ms)
     conf: dict[str, Any] = {
-        "bootstrap_servers": cfg.bootstrap_servers,
+        **kafka_client_kwargs(cfg),
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": linger_ms,
@@ -340,7 +352,7 @@ def make_consumer(
     should not hold back a poll for half a second.
     """
     conf: dict[str, Any] = {
-        "bootstrap_servers": cfg.bootstrap_servers,
+        **kafka_client_kwargs(cfg),
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
@@ -407,12 +419,12 @@ class LagProbe:
     seconds is cheap. Not thread-safe; give each metrics thread its own.
     """
 
-    def __init__(self, bootstrap: str, *, timeout_s: float = 10.0, client_id: str = "cascade-lag-probe") -> None:
+    def __init__(self, bootstrap: Brokers, *, timeout_s: float = 10.0, client_id: str = "cascade-lag-probe") -> None:
         self.timeout_s = timeout_s
         ms = int(timeout_s * 1000)
         self._admin = _admin(bootstrap, timeout_s, client_id)
         self._consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap,
+            **client_kwargs(bootstrap),
             client_id=client_id,
             group_id=None,
             enable_auto_commit=False,
@@ -488,7 +500,7 @@ class LagProbe:
 
 
 def consumer_lag(
-    bootstrap: str, group_id: str, topics: Sequence[str], *, timeout_s: float = 10.0
+    bootstrap: Brokers, group_id: str, topics: Sequence[str], *, timeout_s: float = 10.0
 ) -> dict[TopicPartition, int]:
     """One-shot lag per partition (end minus committed); use :class:`LagProbe` when repeating."""
     with LagProbe(bootstrap, timeout_s=timeout_s) as probe:

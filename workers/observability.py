@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cascade.logging import get_logger
-from workers.kafka_io import LagProbe
+from workers.kafka_io import Brokers, LagProbe
 
 log = get_logger("cascade.worker")
 
@@ -99,7 +99,7 @@ class LagSampler:
     consume loop that stalled every batch behind it.
     """
 
-    def __init__(self, metrics: WorkerMetrics, bootstrap: str, group: str, topics: Sequence[str], every_s: float = 10.0) -> None:
+    def __init__(self, metrics: WorkerMetrics, bootstrap: Brokers, group: str, topics: Sequence[str], every_s: float = 10.0) -> None:
         self.metrics = metrics
         self.group = group
         self.topics = list(topics)

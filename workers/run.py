@@ -21,6 +21,7 @@ from cascade.evaluation.progress import Progress
 from cascade.evaluation.report import Report, Scorer
 from cascade.logging import get_logger
 from cascade.messages import Decision
+from cascade.security import kafka_client_kwargs, secret_environment
 from cascade.task import Task
 from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
 from workers.topics import Topics
@@ -38,11 +39,13 @@ def worker_commands(config_path: Path, tiers: list[str], base_port: int) -> list
 def start_workers(config: CascadeConfig, run_dir: Path, base_port: int) -> list[subprocess.Popen]:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
+    # Secrets are dropped from the dump (the config's serializers); the workers get them by environment.
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {**os.environ, **secret_environment(config), "CASCADE_CONFIG": str(config_path)}
     procs = []
     for role, cmd in worker_commands(config_path, [t.name for t in config.tiers], base_port):
         logf = (run_dir / f"{role}.log").open("ab")
-        procs.append(subprocess.Popen(cmd, stdout=logf, stderr=logf, env={**os.environ, "CASCADE_CONFIG": str(config_path)}))
+        procs.append(subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env))
         log.info("worker_started", role=role, pid=procs[-1].pid, log=str(run_dir / f"{role}.log"))
     return procs
 
@@ -84,7 +87,7 @@ def collect_decisions(config: CascadeConfig, ids: set[str], timeout_s: float, pr
     """Read the decisions topic from the start until every id has one (or the timeout)."""
     topics = Topics(config)
     consumer = KafkaConsumer(
-        topics.decisions, bootstrap_servers=config.kafka.bootstrap_servers, group_id=None,
+        topics.decisions, **kafka_client_kwargs(config.kafka), group_id=None,
         auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=1000,
     )
     found: dict[str, list[Decision]] = {}
@@ -116,7 +119,7 @@ def run_pipeline(config: CascadeConfig, rows: list[LabelledEvent] | None, run_di
                  timeout_s: float, progress: bool = True, rate: float | None = None,
                  ) -> tuple[Report | None, dict[str, list[Decision]]]:
     kcfg = config.kafka
-    ensure_topics(kcfg.bootstrap_servers, Topics(config).all(), kcfg.partitions, kcfg.replication_factor)
+    ensure_topics(kcfg, Topics(config).all(), kcfg.partitions, kcfg.replication_factor)
     procs = start_workers(config, run_dir, base_port)
     try:
         if rows is None:  # serve until interrupted

@@ -22,6 +22,7 @@ from redis.retry import Retry
 from cascade.config import BudgetConfig, RedisConfig, StateConfig
 from cascade.logging import get_logger
 from cascade.messages import LiveParams, RoutingSnapshot
+from cascade.security import redis_client_kwargs
 from cascade.state import lua
 from cascade.state.base import StateStore, StateUnavailable, VersionCallback, registry_entry
 from cascade.state.keys import KeySpace
@@ -115,6 +116,7 @@ class RedisState(StateStore):
             retry=retry,
             max_connections=max_connections,
             health_check_interval=30,
+            **redis_client_kwargs(rc),
         )
         self.client = redis.Redis(connection_pool=self.pool)
         self._budget_script = self.client.register_script(lua.BUDGET)

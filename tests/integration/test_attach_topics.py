@@ -80,7 +80,7 @@ def test_two_existing_topics(kafka_bootstrap):
     assert decided(config, Topics(config).decisions) == {f"a{i}" for i in range(10)} | {f"b{i}" for i in range(10)}
 
 
-@pytest.mark.xfail(reason="against Tansu the pattern-subscribed tier got no records within its idle window; "
+@pytest.mark.xfail(reason="flaky against Tansu: the pattern-subscribed tier sometimes gets no records within its idle window; "
                    "not yet diagnosed (all-topics metadata or the pattern rejoin)", strict=False)
 def test_pattern_subscription(kafka_bootstrap):
     uid = uuid.uuid4().hex[:8]
