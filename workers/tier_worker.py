@@ -17,8 +17,9 @@ from cascade.routing.build import build_stage
 from cascade.routing.steps import price_deferral, route_stage
 from cascade.state.keys import cache_keys
 from cascade.task import InvalidEvent, Task
-from workers.kafka_io import OutRecord
+from workers.kafka_io import LagProbe, OutRecord
 from workers.loop import BatchResult, Worker, dead_letter
+from workers.observability import FreshGroupWatch
 from workers.topics import Topics
 
 log = get_logger("cascade.worker.tier")
@@ -39,6 +40,17 @@ class TierWorker(Worker):
         self.first = names.index(tier) == 0
         self.follower = ModelFollower(self.state, self.state, self.stage, on_swap=self._swapped, on_refused=self._refused)
         self._routing_at = 0.0
+        # True when the consumer group had no committed offsets at start (set by run()).
+        self.fresh_group: bool | None = None
+        self.fresh_watch = FreshGroupWatch()
+
+    def run(self, max_idle_s: float | None = None) -> None:
+        try:
+            with LagProbe(self.config.kafka) as probe:
+                self.fresh_group = not probe.committed(self.group)
+        except Exception as e:  # noqa: BLE001 - only a warning depends on it
+            log.warning("group_offsets_unknown", group=self.group, error=str(e))
+        super().run(max_idle_s)
 
     def _swapped(self, name: str, version: int) -> None:
         self.metrics.snapshots.labels(self.role, name, "load").inc()
@@ -80,11 +92,13 @@ class TierWorker(Worker):
         res = BatchResult()
         items: dict[str, Deferred] = {}
         now = time.time()
+        repeats = 0  # repeats inside the batch
         for rec in records:
             d = self._parse(rec, res, now)
             if d is not None and d.event.id not in items:  # a repeat inside one batch is a duplicate
                 items[d.event.id] = d
             elif d is not None:
+                repeats += 1
                 self.metrics.duplicates.labels(self.role).inc()
         ids = list(items)
         if self.first:  # the cache answers before any tier runs; events passed up were looked up there already
@@ -92,6 +106,12 @@ class TierWorker(Worker):
         else:
             fresh = [(i, None) for i in self.undecided(ids)]
         self.metrics.duplicates.labels(self.role).inc(len(ids) - len(fresh))
+        if self.fresh_group and self.fresh_watch.add(len(records), repeats + len(ids) - len(fresh)):
+            log.warning("duplicates_on_fresh_group", group=self.group, pipeline=self.config.pipeline,
+                        records=self.fresh_watch.records, duplicates=self.fresh_watch.duplicates,
+                        hint="this new consumer group reads events this pipeline's state has already decided: "
+                             "another deployment with the same pipeline name, or a reset group; name a "
+                             "distinct `pipeline` to decide them again")
         decided: list[Decision] = [hit for _, hit in fresh if hit is not None]
         todo = [items[i] for i, hit in fresh if hit is None]
         self.metrics.cache_hits.labels(self.role).inc(len(decided))
