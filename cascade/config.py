@@ -358,7 +358,8 @@ class CascadeConfig(BaseModel):
     seed: int = 0
     # Scopes every Redis key (idempotency, cache, registry, live parameters, routing, budgets):
     # two pipelines on one Redis never see each other's state. Default: kafka.topic_prefix
-    # without its trailing separator ("cascade." -> "cascade").
+    # without its trailing separator ("cascade." -> "cascade"). "" keeps the unscoped layout of
+    # deployments from before pipelines (keys directly under redis.key_prefix).
     pipeline: str | None = Field(None, description="name scoping this pipeline's Redis state; default from kafka.topic_prefix")
     task: TaskConfig = Field(default_factory=TaskConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
@@ -375,8 +376,9 @@ class CascadeConfig(BaseModel):
     def _pipeline_named(self) -> CascadeConfig:
         if self.pipeline is None:
             self.pipeline = self.kafka.topic_prefix.rstrip(".:-_") or "cascade"
-        elif not self.pipeline or any(c in self.pipeline for c in " {}*?[]"):
-            raise ValueError("pipeline must be a non-empty name without spaces, braces or glob characters")
+        elif any(c in self.pipeline for c in " {}*?[]"):
+            # "" keeps the layout from before pipelines (keys directly under redis.key_prefix).
+            raise ValueError("pipeline must be a name without spaces, braces or glob characters")
         return self
 
     @model_validator(mode="after")

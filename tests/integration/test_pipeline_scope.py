@@ -25,6 +25,13 @@ def test_pipeline_defaults_to_the_topic_prefix():
     assert load_config(None, pipeline="x", kafka={"topic_prefix": "fraud."}).pipeline == "x"
 
 
+def test_an_empty_pipeline_keeps_the_unscoped_layout(redis_url):
+    root = f"test-scope-{time.time_ns()}:"
+    state = make_state(config(redis_url, root, ""))
+    assert state.keys.event == f"{root}evt:" and state.keys.budget == f"{root}budget:"
+    assert make_state(config(redis_url, root, "p")).keys.event == f"{root}p:evt:"
+
+
 def test_two_pipelines_with_the_same_ids_both_decide_every_event(redis_url):
     root = f"test-scope-{time.time_ns()}:"
     a, b = config(redis_url, root, "alpha"), config(redis_url, root, "beta")
