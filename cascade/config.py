@@ -9,6 +9,7 @@ with a message naming the field.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -243,6 +244,25 @@ class KafkaConfig(_Section):
     heartbeat_interval_ms: int = Field(1000, gt=0)
     max_poll_records: int = Field(256, gt=0)
     max_event_bytes: int = Field(100_000, gt=0)
+    # Attaching to a real stream: the first tier reads these existing topics (or every topic the
+    # pattern matches) instead of {topic_prefix}events; they are never created by the system.
+    input_topics: list[str] = Field(
+        default_factory=list, description="existing topics the first tier reads; empty: {topic_prefix}events"
+    )
+    input_pattern: str | None = Field(None, description="regex subscription for the first tier's input")
+    decisions_topic: str | None = Field(None, description="where decisions go; default {topic_prefix}decisions")
+    # Security of every Kafka client the system creates (cascade/security.py kafka_client_kwargs).
+    # The password comes from sasl_password (env CASCADE_KAFKA__SASL_PASSWORD) or sasl_password_file;
+    # it is never logged nor written out.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = Field(None, description="file holding the SASL password (first line)")
+    ssl_cafile: Path | None = Field(None, description="CA bundle that signed the brokers' certificates")
+    ssl_certfile: Path | None = Field(None, description="client certificate (mutual TLS)")
+    ssl_keyfile: Path | None = Field(None, description="client certificate's private key (mutual TLS)")
+    ssl_check_hostname: bool = True
 
     @model_validator(mode="after")
     def _heartbeat_below_session(self) -> KafkaConfig:
@@ -250,11 +270,52 @@ class KafkaConfig(_Section):
             raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
         return self
 
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL_"):
+            if self.sasl_mechanism is None or not self.sasl_username:
+                raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism and sasl_username")
+        elif self.sasl_mechanism is not None:
+            raise ValueError("sasl_mechanism is set but security_protocol is not SASL_PLAINTEXT or SASL_SSL")
+        return self
+
+    @field_serializer("sasl_password")
+    def _no_password_in_dumps(self, password: SecretStr | None) -> None:
+        return None  # cascade run passes it to its workers by environment
+
+    @model_validator(mode="after")
+    def _one_input_kind(self) -> KafkaConfig:
+        if self.input_topics and self.input_pattern:
+            raise ValueError("set input_topics or input_pattern, not both")
+        if self.input_pattern is not None:
+            try:
+                re.compile(self.input_pattern)
+            except re.error as e:
+                raise ValueError(f"input_pattern is not a valid regex: {e}") from None
+        return self
+
 
 class RedisConfig(_Section):
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "cascade:"
     socket_timeout_s: float = Field(1.0, gt=0)
+    # TLS: a rediss:// url; ssl_ca_file names the CA when it is not in the system store.
+    # ACL: username and password (env CASCADE_REDIS__PASSWORD, or password_file); a password
+    # inside the url works too but is better kept out of files. Never logged nor written out.
+    ssl_ca_file: Path | None = Field(None, description="CA bundle for a rediss:// server")
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = Field(None, description="file holding the Redis password (first line)")
+
+    @model_validator(mode="after")
+    def _tls_url(self) -> RedisConfig:
+        if self.ssl_ca_file is not None and not self.url.startswith("rediss://"):
+            raise ValueError("ssl_ca_file needs a rediss:// url")
+        return self
+
+    @field_serializer("password")
+    def _no_password_in_dumps(self, password: SecretStr | None) -> None:
+        return None  # cascade run passes it to its workers by environment
 
 
 class StateConfig(_Section):
@@ -273,6 +334,9 @@ class BudgetConfig(_Section):
     money_per_day: float | None = Field(None, gt=0)
     on_exhausted: Literal["cheap_tier", "hold"] = "cheap_tier"
     fail_closed: bool = Field(False, description="refuse LLM calls when the budget store is unreachable")
+    scope: str | None = Field(
+        None, description="a named budget shared on purpose by every pipeline that names it; None: the pipeline's own"
+    )
 
 
 class ServerConfig(_Section):
@@ -294,6 +358,11 @@ class CascadeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
     seed: int = 0
+    # Scopes every Redis key (idempotency, cache, registry, live parameters, routing, budgets):
+    # two pipelines on one Redis never see each other's state. Default: kafka.topic_prefix
+    # without its trailing separator ("cascade." -> "cascade"). "" keeps the unscoped layout of
+    # deployments from before pipelines (keys directly under redis.key_prefix).
+    pipeline: str | None = Field(None, description="name scoping this pipeline's Redis state; default from kafka.topic_prefix")
     task: TaskConfig = Field(default_factory=TaskConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
     tiers: list[AnyTierConfig] = Field(default_factory=_default_tiers, min_length=1)
@@ -304,6 +373,15 @@ class CascadeConfig(BaseModel):
     state: StateConfig = Field(default_factory=StateConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _pipeline_named(self) -> CascadeConfig:
+        if self.pipeline is None:
+            self.pipeline = self.kafka.topic_prefix.rstrip(".:-_") or "cascade"
+        elif any(c in self.pipeline for c in " {}*?[]"):
+            # "" keeps the layout from before pipelines (keys directly under redis.key_prefix).
+            raise ValueError("pipeline must be a name without spaces, braces or glob characters")
+        return self
 
     @model_validator(mode="after")
     def _tier_names_unique(self) -> CascadeConfig:

@@ -89,7 +89,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         # file, and the idempotency record of an earlier run would skip them as already decided.
         run_id = args.run_id or uuid.uuid4().hex[:8]
         config = config.model_copy(update={
-            "kafka": config.kafka.model_copy(update={"topic_prefix": f"{config.kafka.topic_prefix}{run_id}."}),
+            # It feeds its own prefixed events topic, so the user's input topics are not read.
+            "kafka": config.kafka.model_copy(update={"topic_prefix": f"{config.kafka.topic_prefix}{run_id}.",
+                                                     "input_topics": [], "input_pattern": None,
+                                                     "decisions_topic": None}),
             "redis": config.redis.model_copy(update={"key_prefix": f"{config.redis.key_prefix}{run_id}:"}),
         })
         log.info("run", run_id=run_id, topic_prefix=config.kafka.topic_prefix)

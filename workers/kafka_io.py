@@ -54,6 +54,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from cascade.config import KafkaConfig
 from cascade.logging import get_logger
+from cascade.security import kafka_client_kwargs
 
 log = get_logger("workers.kafka_io")
 
@@ -63,6 +64,7 @@ __all__ = [
     "OutRecord",
     "ProduceError",
     "TopicPartition",
+    "client_kwargs",
     "commit_batch",
     "consumer_lag",
     "ensure_topics",
@@ -71,6 +73,7 @@ __all__ = [
     "next_offsets",
     "poll_records",
     "produce_and_flush",
+    "require_topics",
     "topic_partitions",
     "total_lag",
 ]
@@ -104,15 +107,24 @@ def _forbid_topic_auto_creation(cluster: object | None) -> None:
         log.warning("kafka.auto_create_guard_unavailable", reason="kafka-python internals changed")
 
 
-def _admin(bootstrap: str, timeout_s: float, client_id: str) -> KafkaAdminClient:
+Brokers = str | KafkaConfig
+"""Where the cluster is: a bootstrap string (no security) or the Kafka config (with its security)."""
+
+
+def client_kwargs(brokers: Brokers) -> dict[str, Any]:
+    """``bootstrap_servers`` and, from a config, its security arguments (cascade/security.py)."""
+    return {"bootstrap_servers": brokers} if isinstance(brokers, str) else kafka_client_kwargs(brokers)
+
+
+def _admin(bootstrap: Brokers, timeout_s: float, client_id: str) -> KafkaAdminClient:
     ms = int(timeout_s * 1000)
     return KafkaAdminClient(
-        bootstrap_servers=bootstrap, client_id=client_id, bootstrap_timeout_ms=ms, request_timeout_ms=ms
+        **client_kwargs(bootstrap), client_id=client_id, bootstrap_timeout_ms=ms, request_timeout_ms=ms
     )
 
 
 def ensure_topics(
-    bootstrap: str,
+    bootstrap: Brokers,
     names: Sequence[str],
     partitions: int,
     replication_factor: int = 1,
@@ -150,7 +162,25 @@ def ensure_topics(
         admin.close()
 
 
-def topic_partitions(bootstrap: str, topics: Sequence[str], *, timeout_s: float = 10.0) -> list[TopicPartition]:
+def require_topics(bootstrap: Brokers, names: Sequence[str], *, timeout_s: float = 30.0) -> None:
+    """Fail clearly unless every topic of ``names`` exists (the user's input topics: never created)."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        return
+    admin = _admin(bootstrap, timeout_s, "cascade-admin")
+    try:
+        missing = sorted(t["name"] for t in admin.describe_topics(names) if t.get("error_code", 0) != 0)
+    finally:
+        admin.close()
+    if missing:
+        raise KafkaError(
+            f"input topics {missing} do not exist on {client_kwargs(bootstrap)['bootstrap_servers']}; "
+            "kafka.input_topics must name existing "
+            "topics (the cascade creates only its own, under kafka.topic_prefix)"
+        )
+
+
+def topic_partitions(bootstrap: Brokers, topics: Sequence[str], *, timeout_s: float = 10.0) -> list[TopicPartition]:
     """All partitions of the given (existing) topics, from broker metadata."""
     admin = _admin(bootstrap, timeout_s, "cascade-admin")
     try:
@@ -215,7 +245,7 @@ def make_producer(
     """
     request_timeout_ms = min(15_000, int(delivery_timeout_s * 1000) - linger_ms)
     conf: dict[str, Any] = {
-        "bootstrap_servers": cfg.bootstrap_servers,
+        **kafka_client_kwargs(cfg),
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": linger_ms,
@@ -311,15 +341,18 @@ def make_consumer(
     max_poll_interval_ms: int = 300_000,
     fetch_max_wait_ms: int = 100,
     listener: ConsumerRebalanceListener | None = None,
+    pattern: str | None = None,
     **overrides: Any,
 ) -> KafkaConsumer:
     """A group member with manual commits that starts from the earliest offset.
+
+    ``pattern``: subscribe to every topic matching this regex (with ``topics`` empty).
 
     ``fetch_max_wait_ms`` is low because this is a streaming system: an idle partition
     should not hold back a poll for half a second.
     """
     conf: dict[str, Any] = {
-        "bootstrap_servers": cfg.bootstrap_servers,
+        **kafka_client_kwargs(cfg),
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
@@ -337,7 +370,10 @@ def make_consumer(
     consumer = KafkaConsumer(**conf)
     if not conf["allow_auto_create_topics"]:
         _forbid_topic_auto_creation(getattr(consumer, "_cluster", None))
-    consumer.subscribe(list(topics), listener=listener)
+    if pattern is not None:
+        consumer.subscribe(pattern=pattern, listener=listener)
+    else:
+        consumer.subscribe(list(topics), listener=listener)
     return consumer
 
 
@@ -383,12 +419,12 @@ class LagProbe:
     seconds is cheap. Not thread-safe; give each metrics thread its own.
     """
 
-    def __init__(self, bootstrap: str, *, timeout_s: float = 10.0, client_id: str = "cascade-lag-probe") -> None:
+    def __init__(self, bootstrap: Brokers, *, timeout_s: float = 10.0, client_id: str = "cascade-lag-probe") -> None:
         self.timeout_s = timeout_s
         ms = int(timeout_s * 1000)
         self._admin = _admin(bootstrap, timeout_s, client_id)
         self._consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap,
+            **client_kwargs(bootstrap),
             client_id=client_id,
             group_id=None,
             enable_auto_commit=False,
@@ -464,7 +500,7 @@ class LagProbe:
 
 
 def consumer_lag(
-    bootstrap: str, group_id: str, topics: Sequence[str], *, timeout_s: float = 10.0
+    bootstrap: Brokers, group_id: str, topics: Sequence[str], *, timeout_s: float = 10.0
 ) -> dict[TopicPartition, int]:
     """One-shot lag per partition (end minus committed); use :class:`LagProbe` when repeating."""
     with LagProbe(bootstrap, timeout_s=timeout_s) as probe:

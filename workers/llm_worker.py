@@ -20,6 +20,7 @@ from cascade.task import Task
 from cascade.tiers.llm import CIRCUIT_OPEN, LLMError, call_with_retries, make_backend
 from workers.kafka_io import OutRecord
 from workers.loop import BatchResult, Worker, dead_letter
+from workers.observability import UnmappedWatch
 from workers.topics import Topics
 
 log = get_logger("cascade.worker.llm")
@@ -39,6 +40,7 @@ class LLMWorker(Worker):
         for limit in self.state.limits:
             self.metrics.budget_limit.labels(self.role, limit.name).set(limit.limit)
         self.hold_until = 0.0
+        self.unmapped = UnmappedWatch()
 
     def _window_left(self, window: str | None) -> float:
         """Seconds until the named budget window rolls over (windows align to the epoch); at most 5 s
@@ -65,6 +67,14 @@ class LLMWorker(Worker):
             return answer
         except LLMError as e:
             return e
+
+    def _watch_mapping(self, ans: LLMAnswer) -> None:
+        """Loud when many answers map to no label: a wrong label set, prompt or alias table."""
+        if self.unmapped.add(ans.raw, ans.label is not None):
+            log.warning("llm_answers_unmapped", ratio=round(self.unmapped.ratio, 3), examples=list(self.unmapped.examples),
+                        labels=self.task.labels, llm=self.config.llm.name,
+                        hint="check task.labels and task.label_aliases against what the LLM answers")
+        self.metrics.llm_unmapped_ratio.labels(self.role).set(self.unmapped.ratio)
 
     def process_batch(self, records: list[ConsumerRecord]) -> BatchResult:
         res = BatchResult()
@@ -126,6 +136,7 @@ class LLMWorker(Worker):
                 continue
             self.metrics.llm_calls.labels(self.role).inc()
             self.metrics.llm_spend.labels(self.role).inc(ans.cost)
+            self._watch_mapping(ans)
             decision, demo = self.step.settle(d, ans)
             decided.append(decision)
             if demo is not None:

@@ -35,6 +35,7 @@ from workers.kafka_io import (
     make_consumer,
     make_producer,
     poll_records,
+    require_topics,
     send_records,
 )
 from workers.observability import HealthServer, LagSampler, WorkerMetrics
@@ -90,6 +91,7 @@ class Worker:
     """Consume-process-produce-commit for one role; subclasses implement ``process``."""
 
     role: str = "worker"
+    input_pattern: str | None = None  # a regex subscription instead of input_topics (the first tier's)
 
     def __init__(self, config: CascadeConfig, input_topics: Sequence[str], group: str, metrics_port: int | None = None) -> None:
         self.config = config
@@ -216,13 +218,15 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         kcfg = self.config.kafka
-        ensure_topics(kcfg.bootstrap_servers, self.topics.all(), kcfg.partitions, kcfg.replication_factor)
+        ensure_topics(kcfg, self.topics.all(), kcfg.partitions, kcfg.replication_factor)
+        require_topics(kcfg, [t for t in self.input_topics if t in self.topics.external])
         producer = make_producer(kcfg, client_id=f"{self.group}-producer")
         flow = _Pipeline(self, producer)
         consumer = make_consumer(kcfg, self.group, self.input_topics, client_id=f"{self.group}-consumer",
+                                 pattern=self.input_pattern,
                                  listener=_FinishOnRevoke(flow))
         flow.consumer = consumer
-        lag = LagSampler(self.metrics, kcfg.bootstrap_servers, self.group, self.input_topics)
+        lag = LagSampler(self.metrics, kcfg, self.group, self.input_topics)
         # What exists now (modules, clients, the first models) lives as long as the process: out of
         # the cyclic collector's reach, full collections stop rescanning it. They had cost a tier
         # worker a fifth of its time, for batches whose garbage refcounting frees anyway.

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cascade.logging import get_logger
-from workers.kafka_io import LagProbe
+from workers.kafka_io import Brokers, LagProbe
 
 log = get_logger("cascade.worker")
 
@@ -45,7 +46,72 @@ class WorkerMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.lag = Gauge("cascade_consumer_lag", "Records behind the end of the input topic", ["role"], registry=r)
+        self.llm_unmapped_ratio = Gauge(
+            "cascade_llm_unmapped_ratio", "Share of the last 100 LLM answers that map to no label", ["role"], registry=r
+        )
         self.model_version = Gauge("cascade_model_version", "Version of each loaded model", ["role", "name"], registry=r)
+
+
+class UnmappedWatch:
+    """The share of LLM answers that map to no label over the last ``window`` answers.
+
+    :meth:`add` returns True when a warning is due: the share is above ``threshold`` over at least
+    ``min_answers`` answers, and no warning was given in the last ``every_s`` seconds.
+    """
+
+    def __init__(self, window: int = 100, threshold: float = 0.2, min_answers: int = 20, every_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = threshold
+        self.min_answers = min_answers
+        self.every_s = every_s
+        self._clock = clock
+        self._mapped: deque[bool] = deque(maxlen=window)
+        self.examples: deque[str | None] = deque(maxlen=5)  # the latest unmapped raw answers
+        self._warned_at: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        return 0.0 if not self._mapped else (len(self._mapped) - sum(self._mapped)) / len(self._mapped)
+
+    def add(self, raw: str | None, mapped: bool) -> bool:
+        self._mapped.append(mapped)
+        if not mapped:
+            self.examples.append(None if raw is None else raw[:120])
+        if len(self._mapped) < self.min_answers or self.ratio <= self.threshold:
+            return False
+        now = self._clock()
+        if self._warned_at is not None and now - self._warned_at < self.every_s:
+            return False
+        self._warned_at = now
+        return True
+
+
+class FreshGroupWatch:
+    """Whether nearly all of a fresh consumer group's first batches were already decided.
+
+    :meth:`add` returns True once, after the first ``batches`` batches (or ``min_records``
+    records), when at least ``threshold`` of their records were duplicates.
+    """
+
+    def __init__(self, batches: int = 5, min_records: int = 50, threshold: float = 0.9) -> None:
+        self.batches = batches
+        self.min_records = min_records
+        self.threshold = threshold
+        self.records = 0
+        self.duplicates = 0
+        self._seen_batches = 0
+        self.done = False
+
+    def add(self, records: int, duplicates: int) -> bool:
+        if self.done or records == 0:
+            return False
+        self.records += records
+        self.duplicates += duplicates
+        self._seen_batches += 1
+        if self._seen_batches < self.batches and self.records < self.min_records:
+            return False
+        self.done = True
+        return self.records >= 10 and self.duplicates >= self.threshold * self.records
 
 
 class HealthServer:
@@ -99,7 +165,7 @@ class LagSampler:
     consume loop that stalled every batch behind it.
     """
 
-    def __init__(self, metrics: WorkerMetrics, bootstrap: str, group: str, topics: Sequence[str], every_s: float = 10.0) -> None:
+    def __init__(self, metrics: WorkerMetrics, bootstrap: Brokers, group: str, topics: Sequence[str], every_s: float = 10.0) -> None:
         self.metrics = metrics
         self.group = group
         self.topics = list(topics)

@@ -33,6 +33,7 @@ from cascade.evaluation.progress import Progress
 from cascade.messages import Decision, Demonstration
 from cascade.replay.command import Loaded
 from cascade.replay.join import RecordedEvent
+from cascade.security import kafka_client_kwargs
 from cascade.task import InvalidEvent, Task
 from workers.kafka_io import LagProbe, TopicPartition, _forbid_topic_auto_creation
 from workers.topics import Topics
@@ -75,7 +76,7 @@ class TopicReader:
         self.timeout_s = timeout_s
         ms = int(timeout_s * 1000)
         self.consumer = KafkaConsumer(
-            bootstrap_servers=config.kafka.bootstrap_servers,
+            **kafka_client_kwargs(config.kafka),
             client_id="cascade-replay",
             group_id=None,  # no group: nothing to commit, no live group touched
             enable_auto_commit=False,
@@ -87,7 +88,7 @@ class TopicReader:
             allow_auto_create_topics=False,
         )
         _forbid_topic_auto_creation(getattr(self.consumer, "_cluster", None))
-        self.probe = LagProbe(config.kafka.bootstrap_servers, timeout_s=timeout_s, client_id="cascade-replay-probe")
+        self.probe = LagProbe(config.kafka, timeout_s=timeout_s, client_id="cascade-replay-probe")
 
     def close(self) -> None:
         self.consumer.close()

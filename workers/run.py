@@ -22,6 +22,7 @@ from cascade.evaluation.progress import Progress
 from cascade.evaluation.report import Report, Scorer
 from cascade.logging import get_logger
 from cascade.messages import Decision
+from cascade.security import kafka_client_kwargs, secret_environment
 from cascade.task import Task
 from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
 from workers.topics import Topics
@@ -44,15 +45,13 @@ def write_worker_config(config: CascadeConfig, run_dir: Path) -> tuple[Path, dic
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     dumped = config.model_dump(mode="json")
-    secrets: dict[str, str] = {}
+    secrets = secret_environment(config)  # the dump omits them (the config's serializers)
     url = urlsplit(config.redis.url)
     if url.password is not None or url.username is not None:
         secrets["CASCADE_REDIS__URL"] = config.redis.url
         host = url.netloc.rpartition("@")[2]
         dumped["redis"]["url"] = urlunsplit(url._replace(netloc=host))
-    if config.llm.api_key is not None:
-        secrets["CASCADE_LLM__API_KEY"] = config.llm.api_key.get_secret_value()
-        dumped["llm"].pop("api_key", None)
+    dumped["llm"].pop("api_key", None)
     config_path = run_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(dumped))
     return config_path, secrets
@@ -106,7 +105,7 @@ def collect_decisions(config: CascadeConfig, ids: set[str], timeout_s: float, pr
     """Read the decisions topic from the start until every id has one (or the timeout)."""
     topics = Topics(config)
     consumer = KafkaConsumer(
-        topics.decisions, bootstrap_servers=config.kafka.bootstrap_servers, group_id=None,
+        topics.decisions, **kafka_client_kwargs(config.kafka), group_id=None,
         auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=1000,
     )
     found: dict[str, list[Decision]] = {}
@@ -138,7 +137,7 @@ def run_pipeline(config: CascadeConfig, rows: list[LabelledEvent] | None, run_di
                  timeout_s: float, progress: bool = True, rate: float | None = None,
                  ) -> tuple[Report | None, dict[str, list[Decision]]]:
     kcfg = config.kafka
-    ensure_topics(kcfg.bootstrap_servers, Topics(config).all(), kcfg.partitions, kcfg.replication_factor)
+    ensure_topics(kcfg, Topics(config).all(), kcfg.partitions, kcfg.replication_factor)
     procs = start_workers(config, run_dir, base_port)
     try:
         if rows is None:  # serve until interrupted

@@ -17,8 +17,9 @@ from cascade.routing.build import build_stage
 from cascade.routing.steps import price_deferral, route_stage
 from cascade.state.keys import cache_keys, text_mark
 from cascade.task import InvalidEvent, Task
-from workers.kafka_io import OutRecord
+from workers.kafka_io import LagProbe, OutRecord
 from workers.loop import BatchResult, Worker, dead_letter
+from workers.observability import FreshGroupWatch
 from workers.topics import Topics
 
 log = get_logger("cascade.worker.tier")
@@ -31,13 +32,25 @@ class TierWorker(Worker):
         if tier not in names:
             raise ValueError(f"unknown tier {tier!r}; configured tiers: {names}")
         topics = Topics(config)
-        super().__init__(config, [topics.input_of(tier)], topics.group(self.role), metrics_port)
+        self.input_pattern = topics.pattern_of(tier)
+        super().__init__(config, topics.inputs_of(tier), topics.group(self.role), metrics_port)
         self.task = Task(config.task)
         self.stage = build_stage(config, names.index(tier))
         self.stage.rng.seed(config.seed * 1_000_003 + os.getpid())  # replicas must not explore in lockstep
         self.first = names.index(tier) == 0
         self.follower = ModelFollower(self.state, self.state, self.stage, on_swap=self._swapped, on_refused=self._refused)
         self._routing_at = 0.0
+        # True when the consumer group had no committed offsets at start (set by run()).
+        self.fresh_group: bool | None = None
+        self.fresh_watch = FreshGroupWatch()
+
+    def run(self, max_idle_s: float | None = None) -> None:
+        try:
+            with LagProbe(self.config.kafka) as probe:
+                self.fresh_group = not probe.committed(self.group)
+        except Exception as e:  # noqa: BLE001 - only a warning depends on it
+            log.warning("group_offsets_unknown", group=self.group, error=str(e))
+        super().run(max_idle_s)
 
     def _swapped(self, name: str, version: int) -> None:
         self.metrics.snapshots.labels(self.role, name, "load").inc()
@@ -86,6 +99,7 @@ class TierWorker(Worker):
         items: dict[str, Deferred] = {}
         recs: dict[str, ConsumerRecord] = {}
         now = time.time()
+        repeats = 0  # repeats inside the batch
         for rec in records:
             d = self._parse(rec, res, now)
             if d is None:
@@ -95,6 +109,7 @@ class TierWorker(Worker):
             elif self.first and text_mark(d.event.text) != text_mark(items[d.event.id].event.text):
                 self._conflict(rec, res)
             else:  # a repeat inside one batch is a duplicate
+                repeats += 1
                 self.metrics.duplicates.labels(self.role).inc()
         ids = list(items)
         if self.first:  # the cache answers before any tier runs; events passed up were looked up there already
@@ -107,6 +122,12 @@ class TierWorker(Worker):
         else:
             fresh = [(i, None) for i in self.undecided(ids)]
         self.metrics.duplicates.labels(self.role).inc(len(ids) - len(fresh))
+        if self.fresh_group and self.fresh_watch.add(len(records), repeats + len(ids) - len(fresh)):
+            log.warning("duplicates_on_fresh_group", group=self.group, pipeline=self.config.pipeline,
+                        records=self.fresh_watch.records, duplicates=self.fresh_watch.duplicates,
+                        hint="this new consumer group reads events this pipeline's state has already decided: "
+                             "another deployment with the same pipeline name, or a reset group; name a "
+                             "distinct `pipeline` to decide them again")
         decided: list[Decision] = [hit for _, hit in fresh if hit is not None]
         todo = [items[i] for i, hit in fresh if hit is None]
         self.metrics.cache_hits.labels(self.role).inc(len(decided))

@@ -48,5 +48,5 @@ def make_state(config: CascadeConfig) -> StateStore:
     if config.state.backend == "redis":
         from cascade.state.redis_store import RedisState  # redis-py only when asked for
 
-        return RedisState(config.redis, config.state, config.budget)
+        return RedisState(config.redis, config.state, config.budget, pipeline=config.pipeline)
     return MemoryState(config.state, config.budget)

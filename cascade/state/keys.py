@@ -44,13 +44,18 @@ NO_MARK = "1"
 
 
 class KeySpace:
-    """Every key the state layer uses, under one prefix."""
+    """Every key the state layer uses, under one prefix: ``redis.key_prefix``, then the pipeline's
+    name (``pipeline``), so that pipelines sharing a Redis share nothing. Budgets are the
+    pipeline's own unless ``budget_scope`` names a budget shared on purpose."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, pipeline: str | None = None, budget_scope: str | None = None) -> None:
+        root = prefix
+        if pipeline:
+            prefix = f"{prefix}{pipeline}:"
         self.prefix = prefix
         self.cache = prefix + "dc:"
         self.event = prefix + "evt:"
-        self.budget = prefix + "budget:"
+        self.budget = f"{root}budget-shared:{budget_scope}:" if budget_scope else prefix + "budget:"
         self.live_params = prefix + "live_params"
         self.routing = prefix + "routing"  # hash tier -> RoutingSnapshot JSON
         self.registry_current = prefix + "reg:current"  # hash name -> current version: one poll reads all

@@ -22,6 +22,7 @@ from redis.retry import Retry
 from cascade.config import BudgetConfig, RedisConfig, StateConfig
 from cascade.logging import get_logger
 from cascade.messages import LiveParams, RoutingSnapshot
+from cascade.security import redis_client_kwargs
 from cascade.state import lua
 from cascade.state.base import StateStore, StateUnavailable, VersionCallback, registry_entry
 from cascade.state.keys import KeySpace
@@ -103,10 +104,11 @@ class RedisState(StateStore):
         backoff_base_s: float = 0.1,
         backoff_cap_s: float = 2.0,
         max_connections: int | None = 64,
+        pipeline: str | None = None,
     ) -> None:
         super().__init__(state, budget)
         self.redis_config = rc = redis_config or RedisConfig()
-        self.keys = KeySpace(rc.key_prefix)
+        self.keys = KeySpace(rc.key_prefix, pipeline, budget.scope if budget is not None else None)
         # One quick retry on a connection error only: it transparently replaces a pooled
         # connection that a server restart killed. Timeouts are not retried: the command may
         # have run, and a repeated budget take would count twice.
@@ -118,6 +120,7 @@ class RedisState(StateStore):
             retry=retry,
             max_connections=max_connections,
             health_check_interval=30,
+            **redis_client_kwargs(rc),
         )
         self.client = redis.Redis(connection_pool=self.pool)
         self._budget_script = self.client.register_script(lua.BUDGET)
