@@ -215,8 +215,6 @@ class Worker:
         self.stopping = True
 
     def run(self, max_idle_s: float | None = None) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
         kcfg = self.config.kafka
         ensure_topics(kcfg, self.topics.all(), kcfg.partitions, kcfg.replication_factor)
         require_topics(kcfg, [t for t in self.input_topics if t in self.topics.external])
@@ -230,6 +228,7 @@ class Worker:
         # What exists now (modules, clients, the first models) lives as long as the process: out of
         # the cyclic collector's reach, full collections stop rescanning it. They had cost a tier
         # worker a fifth of its time, for batches whose garbage refcounting frees anyway.
+        gc_threshold = gc.get_threshold()
         gc.freeze()
         # Events allocate dozens of objects each, most freed by refcounting within the batch: at
         # the default threshold of 700 the young collection ran every fiftieth event and cost a
@@ -237,6 +236,9 @@ class Worker:
         gc.set_threshold(_YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
         log.info("started", role=self.role, group=self.group, topics=self.input_topics, metrics_port=self.health.port)
         last_work = time.monotonic()
+        # Restored on return: a worker run inside another program (a test, a benchmark) must not
+        # leave it deaf to SIGTERM, nor processes it forks later (multiprocessing pools).
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             while not self.stopping:
                 self.health.beat()
@@ -268,6 +270,10 @@ class Worker:
             producer.close()
             lag.close()
             self.health.close()
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            gc.set_threshold(*gc_threshold)
+            gc.unfreeze()
             log.info("stopped", role=self.role)
 
 
