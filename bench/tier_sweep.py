@@ -17,7 +17,7 @@ The issue's targets, PASS/MISS per first tier:
   * hatespeech/Llama-2, LLM share <= 30%: hate recall >= 0.76
   * ISEAR: nblr's events/s >= 3x logistic's
 
-``--onnx`` adds, on the first ``--onnx-limit`` ISEAR events, ensemble(nblr, onnx) → LLM and
+``--onnx`` adds, on the first ``--onnx-limit`` ISEAR events (0: all, next to the main sweep), ensemble(nblr, onnx) → LLM and
 nblr → onnx → LLM next to logistic → LLM and nblr → LLM on the same events. The MiniLM
 embeddings come from bench/out/emb-isear-minilm-l6-int8.npz (bench/onnx_tiers.py makes it), so
 their events/s leave out the encoder (~70 texts/s/core). Writes bench/out/tier_sweep.json.
@@ -102,7 +102,7 @@ def best(points: list[dict[str, Any]], dataset: str, setup: str, share: float, o
 
 def targets(points: list[dict[str, Any]], speed: dict[str, float]) -> list[str]:
     lines = []
-    for setup in ("logistic", "nblr"):
+    for setup in dict.fromkeys(p["setup"] for p in points):
         checks = [
             ("isear", 0.60, "ISEAR <=60% LLM: accuracy >= 0.69", lambda p: p["accuracy"] >= 0.69, lambda p: p["accuracy"]),
             ("isear", 0.45, "ISEAR <=45% LLM: accuracy >= 0.675", lambda p: p["accuracy"] >= 0.675, lambda p: p["accuracy"]),
@@ -113,6 +113,8 @@ def targets(points: list[dict[str, Any]], speed: dict[str, float]) -> list[str]:
              lambda p: p["hate_recall"]),
         ]
         for dataset, share, what, ok, key in checks:
+            if not any(p["dataset"] == dataset and p["setup"] == setup for p in points):
+                continue  # the ONNX setups run on ISEAR only
             p = best(points, dataset, setup, share, ok, key)
             if p is None:
                 lines.append(f"  MISS  {setup:<9} {what}: no run within {share:.0%} LLM calls")
@@ -142,7 +144,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="throughput runs of each tier")
     ap.add_argument("--onnx", action="store_true", help="also the ONNX setups on ISEAR (--onnx-limit events)")
-    ap.add_argument("--onnx-limit", type=int, default=2000)
+    ap.add_argument("--onnx-limit", type=int, default=2000, help="0: the whole stream (only the ONNX setups "
+                    "then: logistic and nblr are in the main sweep)")
+    ap.add_argument("--onnx-mus", type=float, nargs="+", default=ONNX_MUS)
     ap.add_argument("--out", default=str(OUT / "tier_sweep.json"))
     args = ap.parse_args()
     data_dir = Path(args.data_dir)
@@ -155,8 +159,9 @@ def main() -> int:
         if not (OUT / f"emb-isear-{ENCODER}.npz").exists():
             print("no embedding cache: run bench/onnx_tiers.py first (it writes bench/out/emb-*.npz)", file=sys.stderr)
             return 1
-        setups = ("logistic", "nblr", "ensemble(nblr,onnx)", "nblr>onnx")
-        jobs += [(dd, "isear", s, mu, args.onnx_limit) for s in setups for mu in ONNX_MUS]
+        limit = args.onnx_limit or None
+        setups = ("ensemble(nblr,onnx)", "nblr>onnx") if limit is None else ("logistic", "nblr", "ensemble(nblr,onnx)", "nblr>onnx")
+        jobs += [(dd, "isear", s, mu, limit) for s in setups for mu in args.onnx_mus]
     print(f"{len(jobs)} runs on {args.jobs} processes ...", file=sys.stderr)
     started = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
