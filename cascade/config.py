@@ -158,6 +158,22 @@ def _tier_config_by_kind(value: Any) -> TierConfig:
 AnyTierConfig = Annotated[SerializeAsAny[TierConfig], PlainValidator(_tier_config_by_kind)]
 
 
+class EnsembleTierConfig(TierConfig):
+    """Kind "ensemble": the mean of its members' probabilities, each member learning on its own
+    (cascade/tiers/ensemble.py). Members validate by their kind, as ``CascadeConfig.tiers`` do;
+    their ``cost`` and ``warmup_demonstrations`` are unused (the ensemble's own count)."""
+
+    kind: Literal["ensemble"] = "ensemble"
+    members: list[AnyTierConfig] = Field(..., min_length=2, description="the tiers averaged, e.g. nblr and onnx")
+
+    @model_validator(mode="after")
+    def _member_names_unique(self) -> EnsembleTierConfig:
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"ensemble {self.name!r} has member names repeated: {names}")
+        return self
+
+
 class DeferralConfig(_Section):
     """The learned deferral policy (Nie et al., ICML 2024), shared by every cheap tier."""
 

@@ -46,7 +46,7 @@ class Learner:
             if missing:
                 fresh_inputs = tier.prepare([events[i] for i in missing])
                 probs = tier.predict_proba(fresh_inputs)
-                feats = stage.policy_features(probs, [lower[i] for i in missing])
+                feats = stage.policy_features(probs, [lower[i] for i in missing], fresh_inputs)
                 for j, i in enumerate(missing):
                     inputs[i] = fresh_inputs[j]
                     outputs[i] = TierOutput(

@@ -82,9 +82,15 @@ class Stage:
         return RoutingSnapshot(tier=self.tier.name, cost=self.tier.cost, answer_rate=s.answer_rate,
                                answered_disagreement=s.answered_disagreement, seen=s.seen)
 
-    def policy_features(self, probs: np.ndarray, lower: Sequence[TierOutput | None]) -> np.ndarray:
-        """This tier's confidence features followed by the lower tier's (its whole chain)."""
+    def policy_features(
+        self, probs: np.ndarray, lower: Sequence[TierOutput | None], inputs: Sequence[Any] | None = None
+    ) -> np.ndarray:
+        """This tier's confidence features, then any extra features the tier gives for ``inputs``
+        (``Tier.extra_features``), then the lower tier's (its whole chain)."""
         own = confidence_features(probs)
+        extra = self.tier.extra_features(inputs, probs) if inputs is not None else None
+        if extra is not None:
+            own = np.hstack([own, extra])
         if all(o is None for o in lower):
             return own
         width = next(len(o.policy_features) for o in lower if o is not None)
@@ -103,7 +109,7 @@ class Stage:
         lower = lower if lower is not None else [None] * len(events)
         inputs = self.tier.prepare(events)
         probs = self.tier.predict_proba(inputs)
-        feats = self.policy_features(probs, lower)
+        feats = self.policy_features(probs, lower, inputs)
         warm = self.policy.warm(self.tier.version)
         p = self.policy.p_agree(feats) if warm else np.zeros(len(events))
         threshold = self.policy.threshold(self.params.mu, self.params.thresholds.get(self.tier.name))

@@ -46,6 +46,11 @@ class Tier(ABC):
     def _load_state(self, state: Any) -> None:
         """Take ``_state``'s tree; on anything unfit raise SnapshotError having changed nothing."""
 
+    def extra_features(self, inputs: Sequence[Any], probs: np.ndarray) -> np.ndarray | None:
+        """Optional (len(inputs), m) policy features beyond the confidence features of ``probs``
+        (``probs`` is ``predict_proba(inputs)``); None, the default, for none."""
+        return None
+
     def learn(self, inputs: Sequence[Any], labels: Sequence[str]) -> None:
         if len(inputs) != len(labels):
             raise ValueError("inputs and labels differ in length")

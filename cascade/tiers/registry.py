@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from cascade.config import (
+    EnsembleTierConfig,
     FeatureConfig,
     LLMConfig,
     LogisticTierConfig,
@@ -126,6 +127,12 @@ def _onnx(config: OnnxTierConfig, labels: Sequence[str], features: FeatureConfig
     return OnnxTier(config, labels)
 
 
+def _ensemble(config: EnsembleTierConfig, labels: Sequence[str], features: FeatureConfig) -> Tier:
+    from cascade.tiers.ensemble import EnsembleTier
+
+    return EnsembleTier(config.name, labels, config.cost, [build_tier(m, labels, features) for m in config.members])
+
+
 def _recorded(task: Task, config: LLMConfig) -> LLMBackend:
     from cascade.tiers.llm import RecordedAnswers
 
@@ -141,5 +148,6 @@ def _openai(task: Task, config: LLMConfig) -> LLMBackend:
 register_tier("logistic", LogisticTierConfig, _logistic)
 register_tier("onnx", OnnxTierConfig, _onnx)
 register_tier("nblr", NblrTierConfig, _nblr)
+register_tier("ensemble", EnsembleTierConfig, _ensemble)
 register_backend("recorded", _recorded)
 register_backend("openai", _openai)

@@ -109,7 +109,7 @@ def test_a_registered_kind_validates_and_builds(monkeypatch):
     with pytest.raises(ValueError, match="registered already"):
         registry.register_tier("constant", ConstantConfig, make)
     registry.register_backend("echo", RecordedAnswers)
-    assert registry.tier_kinds() == ("logistic", "onnx", "nblr", "constant")
+    assert registry.tier_kinds() == ("logistic", "onnx", "nblr", "ensemble", "constant")
     config = CascadeConfig(task={"labels": ["a", "b"]}, llm={"backend": "echo"},
                            tiers=[{"name": "c", "kind": "constant", "label": "a"}])
     assert build_tier(config, 0) is built and built == [("a", ["a", "b"])]

@@ -15,7 +15,14 @@ ATOL = {"onnx": 1e-5}
 
 
 def maker(kind: str) -> Callable[[Sequence[str]], Tier]:
-    config = tier_config_model(kind)(name=kind, kind=kind)
+    if kind == "ensemble":
+        # logistic + nblr: conformance without the encoder's cost. A deployed ensemble would
+        # usually pair nblr with an onnx member; each member passes check_tier on its own.
+        config = tier_config_model(kind)(
+            name=kind, kind=kind, members=[{"name": "lr", "kind": "logistic"}, {"name": "nb", "kind": "nblr"}]
+        )
+    else:
+        config = tier_config_model(kind)(name=kind, kind=kind)
     if kind != "onnx":
         return lambda labels: build_tier(config, labels, FeatureConfig())
     from cascade.tiers.onnx import OnnxTier
