@@ -19,12 +19,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from river import linear_model, optim
+from smoke import bare_river_loop, config_for  # bench/ is the script's directory
 
 from cascade.config import load_config
 from cascade.evaluation.data import labels_of, read_stream
 from cascade.evaluation.simulate import simulate
-from cascade.features import HashedNgrams
 
 GPT, LLAMA = "gpt-3.5-turbo-1106", "llama-2-70b-chat"
 MUS = {"isear": [0.05, 0.1, 0.2, 0.3, 0.35, 0.4, 0.5], "hatespeech": [0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.6]}
@@ -55,24 +54,6 @@ def llm_hate_recall(data_dir: str, llm: str) -> float:
     rows = read_stream(Path(data_dir) / "hatespeech.jsonl.gz")
     hate = [r for r in rows if r.gold == "hate"]
     return sum(r.event.payload["llm"][llm] == "hate" for r in hate) / len(hate)
-
-
-def bare_river_loop(data_dir: str) -> float:
-    """Events per second of features + predict_proba_one + learn_one on every event: the floor."""
-    rows = read_stream(Path(data_dir) / "isear.jsonl.gz", shuffle_seed=0)
-    config = load_config(None)
-    featurizer = HashedNgrams(config.features)
-    tc = config.tiers[0]
-    model = linear_model.SoftmaxRegression(optimizer=optim.AdaGrad(tc.learning_rate))
-    start = time.perf_counter()
-    for r in rows:
-        x = featurizer.transform(r.event.text)
-        x[-1] = 1.0
-        model.predict_proba_one(x)
-        y = r.event.payload["llm"][GPT]
-        if y is not None:
-            model.learn_one(x, y)
-    return len(rows) / (time.perf_counter() - start)
 
 
 def cascade_throughput(data_dir: str) -> float:
@@ -116,7 +97,8 @@ def main() -> int:
               f"{p['llm_accuracy']:>11.4f}{p['cheap_alone_accuracy']:>12.4f}")
     print(f"\nLLM alone, hate recall: GPT-3.5 {llm_recall[GPT]:.3f}, Llama-2 {llm_recall[LLAMA]:.3f}")
 
-    bare = bare_river_loop(str(data_dir))
+    isear_rows = read_stream(data_dir / "isear.jsonl.gz", shuffle_seed=0)
+    bare = bare_river_loop(isear_rows, config_for(isear_rows))
     ours = cascade_throughput(str(data_dir))
     print(f"\nthroughput on ISEAR (shuffled): cascade simulate {ours:,.0f} ev/s, bare river loop {bare:,.0f} ev/s, "
           f"ratio {ours / bare:.2f} (target >= 0.5)")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 
 import pytest
 
@@ -17,6 +16,7 @@ from cascade.messages import Decision, Deferred, LiveParams
 from cascade.routing.cascade import Cascade
 from cascade.routing.stage import Action
 from cascade.state import make_state
+from tests.records import Rec
 from tests.unit.streams import easy_and_hard
 from tests.unit.test_engine import make_config
 from workers.loop import BatchResult
@@ -25,13 +25,6 @@ from workers.tier_worker import TierWorker
 pytestmark = pytest.mark.integration
 
 
-@dataclass
-class Rec:  # the ConsumerRecord fields a worker reads
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
 
 
 def records(stream, start: int = 0, id_prefix: str = "ev") -> list[Rec]:

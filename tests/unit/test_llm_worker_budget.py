@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 
 from cascade.config import load_config
 from cascade.messages import Decision, Deferred, Demonstration, Event, TierOutput
+from tests.records import Rec
 from workers.llm_worker import LLMWorker
 
 LLM = "test-llm"
 
 
-@dataclass
-class Rec:  # the ConsumerRecord fields a worker reads
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes
 
 
 def deferred(i: int, warm: bool = True) -> Rec:

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from structlog.testing import capture_logs
 
 from cascade.config import load_config
 from cascade.messages import Deferred, Event, TierOutput
+from tests.records import Rec
 from workers.llm_worker import LLMWorker
 from workers.observability import FreshGroupWatch, UnmappedWatch
 from workers.tier_worker import TierWorker
@@ -17,13 +17,6 @@ from workers.tier_worker import TierWorker
 LLM = "test-llm"
 
 
-@dataclass
-class Rec:  # the ConsumerRecord fields a worker reads
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes
 
 
 def config():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from dataclasses import dataclass
 
 from cascade.config import load_config
 from cascade.messages import DeadLetter, Decision, Deferred, Event, TierOutput
+from tests.records import Rec
 from workers.llm_worker import LLMWorker
 from workers.loop import DEAD_LETTER_MAX_BYTES, dead_letter
 from workers.topics import Topics
@@ -16,13 +16,6 @@ from workers.topics import Topics
 LLM = "test-llm"
 
 
-@dataclass
-class Rec:  # the ConsumerRecord fields a worker reads
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
 
 
 def outputs(result, topic_suffix: str) -> list[dict]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cascade.messages import Deferred, Demonstration, Event, TierOutput
+from tests.records import Rec
 from tests.unit.test_engine import LLM, make_config
 from workers.learner_worker import LearnerWorker
 from workers.llm_worker import LLMWorker
@@ -21,13 +21,6 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 _ids = itertools.count()
 
 
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
 
 
 # Any Unicode a JSON document can carry (NUL included, lone surrogates not: they cannot be encoded).
