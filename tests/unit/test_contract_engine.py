@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -91,3 +92,16 @@ def test_the_budget_wins_over_an_unreachable_agreement_target():
     assert "the budget wins" in (report.contract.budget_binding_reason or "")
     late_fraction = report.llm_call_fraction  # includes the warm-up, when everything goes to the LLM
     assert late_fraction < 0.5
+
+
+def test_simulate_command_prints_the_bound_and_rejects_mu_with_a_target(tmp_path, capsys):
+    from workers.cli import main
+
+    path = tmp_path / "stream.jsonl"
+    rows = [{**e.payload, "label": e.payload["llm"][LLM]} for e, _ in easy_and_hard(1200, seed=7)]  # gold: the labels
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["simulate", "--data", str(path), "--llm", LLM, "--min-agreement", "0.9", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "agreement with the LLM ≥ 0." in out and "(95% confidence" in out and "LLM calls" in out
+    assert main(["simulate", "--data", str(path), "--llm", LLM, "--mu", "0.2", "--min-agreement", "0.9"]) == 2
+    assert "--mu" in capsys.readouterr().err
