@@ -10,6 +10,9 @@ Per batch:
 * ``record(decision)`` - a delivered decision: the estimator counts who answered it.
 * ``record_audit(audit, llm_label)`` - the LLM's answer to an audit: the estimator and the
   controller's calibration learn whether the tier agreed.
+* ``record_tally(tally)`` - in the Kafka deployment, what a tier worker answered and scored since
+  its previous audit (``TierTally`` there), carried by the audit to the LLM worker, which runs the
+  estimator and the controller and writes the thresholds into the live parameters.
 * ``control(params, costs)`` - every ``update_every`` delivered decisions, new live parameters
   (per-tier thresholds, exploration scale) from the controller.
 
@@ -30,7 +33,7 @@ from cascade.contract.audit import AuditSampler
 from cascade.contract.controller import ContractController, ControlOutput
 from cascade.contract.estimator import AgreementEstimate, AgreementEstimator
 from cascade.logging import get_logger
-from cascade.messages import Decision, LiveParams
+from cascade.messages import ContractTally, Decision, LiveParams
 from cascade.routing.stage import StageRouting
 
 log = get_logger("cascade.contract")
@@ -43,6 +46,43 @@ class Audit:
     tier: str
     label: str
     p_agree: float
+
+
+def draw_audits(
+    sampler: AuditSampler, routing: StageRouting, answered: Sequence[int], event_ids: Sequence[str]
+) -> list[Audit | None]:
+    """Per answered batch position (``answered``), its audit or None; ``event_ids`` by batch position."""
+    if routing.p_agree is None or not answered:  # a cold tier answers nothing
+        return [None] * len(answered)
+    drawn = sampler.draw_batch([event_ids[j] for j in answered])
+    return [Audit(routing.tier, routing.labels[j], routing.p_agree[j]) if hit else None
+            for j, hit in zip(answered, drawn.tolist(), strict=True)]
+
+
+class TierTally:
+    """A tier worker's part: draws the audits among its answers and tallies, for the next audit to
+    carry, what it answered and scored (the most recent ``keep`` scores: the controller samples them)."""
+
+    def __init__(self, config: CascadeConfig, tier: str, keep: int = 2000) -> None:
+        self.sampler = AuditSampler(config.contract.audit_rate, config.contract.audit_salt)
+        self.tier = tier
+        self.keep = keep
+        self.answered = 0
+        self.risk: list[float] = []
+        self.p_agree: list[float] = []
+
+    def observe(self, routing: StageRouting, answered: Sequence[int], event_ids: Sequence[str]) -> list[Audit | None]:
+        self.answered += len(answered)
+        if routing.risk is not None and routing.p_agree is not None:
+            self.risk = (self.risk + routing.risk)[-self.keep:]
+            self.p_agree = (self.p_agree + routing.p_agree)[-self.keep:]
+        return draw_audits(self.sampler, routing, answered, event_ids)
+
+    def take(self) -> ContractTally:
+        """The tally so far, for an audit to carry; counting starts again."""
+        tally = ContractTally(tier=self.tier, answered=self.answered, risk=self.risk, p_agree=self.p_agree)
+        self.answered, self.risk, self.p_agree = 0, [], []
+        return tally
 
 
 class ContractStatus(BaseModel):
@@ -90,12 +130,7 @@ class Contract:
             self.controller.observe_scores(routing.tier, np.asarray(routing.risk), np.asarray(routing.p_agree))
 
     def draw_audits(self, routing: StageRouting, answered: Sequence[int], event_ids: Sequence[str]) -> list[Audit | None]:
-        """Per answered batch position (``answered``), its audit or None; ``event_ids`` by batch position."""
-        if routing.p_agree is None or not answered:  # a cold tier answers nothing
-            return [None] * len(answered)
-        drawn = self.sampler.draw_batch([event_ids[j] for j in answered])
-        return [Audit(routing.tier, routing.labels[j], routing.p_agree[j]) if hit else None
-                for j, hit in zip(answered, drawn.tolist(), strict=True)]
+        return draw_audits(self.sampler, routing, answered, event_ids)
 
     def record(self, decision: Decision) -> None:
         """A delivered decision (a cache hit counts as whoever answered it first)."""
@@ -105,6 +140,16 @@ class Contract:
             elif decision.tier in self.tiers:
                 self.estimator.record_cheap(decision.tier)
         self.since_update += 1
+
+    def record_tally(self, tally: ContractTally) -> None:
+        """A tier worker's answers and scores since its previous audit (see ``TierTally``)."""
+        if tally.tier not in self.tiers:
+            return
+        if tally.answered:
+            self.estimator.record_cheap(tally.tier, tally.answered)
+            self.since_update += tally.answered
+        if tally.risk:
+            self.controller.observe_scores(tally.tier, np.asarray(tally.risk), np.asarray(tally.p_agree))
 
     def record_audit(self, audit: Audit, llm_label: str) -> None:
         agreed = llm_label == audit.label
