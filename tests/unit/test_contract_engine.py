@@ -94,8 +94,11 @@ def test_the_budget_wins_over_an_unreachable_agreement_target():
     assert late_fraction < 0.5
 
 
-def test_simulate_command_prints_the_bound_and_rejects_mu_with_a_target(tmp_path, capsys):
+def test_simulate_command_prints_the_bound_and_rejects_mu_with_a_target(tmp_path, capsys, monkeypatch):
     from workers.cli import main
+
+    # Logging set up on pytest's captured stream would outlive it and fail later tests.
+    monkeypatch.setattr("workers.cli.configure_logging", lambda *args: None)
 
     path = tmp_path / "stream.jsonl"
     rows = [{**e.payload, "label": e.payload["llm"][LLM]} for e, _ in easy_and_hard(1200, seed=7)]  # gold: the labels
