@@ -164,6 +164,9 @@ class ContractConfig(_Section):
     window_events: int = Field(200_000, ge=2, description="events in the windowed shares")
     window_audits: int = Field(10_000, ge=2, description="audits per tier in the windowed bound")
     update_every: int = Field(100, gt=0, description="events between controller updates")
+    # The controller predicts from the risk scores of recent events: the scores fall as the tiers
+    # learn, so an older sample over-predicts deferrals (a budget then goes underspent).
+    score_window: int = Field(2000, ge=100, description="most recent scored events per tier the controller predicts from")
     audit_salt: str = Field("contract-audit", min_length=1, description="change to draw a fresh audit sample")
 
     @property

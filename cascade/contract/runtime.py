@@ -117,7 +117,7 @@ class Contract:
         )
         self.controller = ContractController(
             list(tiers), min_agreement=c.min_agreement, max_llm_fraction=c.max_llm_fraction,
-            audit_rate=c.audit_rate, seed=config.seed,
+            audit_rate=c.audit_rate, score_sample=c.score_window, score_keep=1.0, seed=config.seed,
         )
         self.tiers = set(tiers)
         self.since_update = 0
