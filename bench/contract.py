@@ -1,9 +1,9 @@
 """The quality contract against the oracle: a fixed mu swept in the same run.
 
-    python bench/contract.py [--data-dir /work/shared/data] [--file-order] [--jobs 2]
+    python bench/contract.py [--data-dir /work/shared/data] [--order shuffled|file|both] [--jobs 2]
 
-On isear with GPT-3.5 answers and hatespeech with Llama-2 answers (shuffled with seed 0; in file
-order too with --file-order), every target is one `cascade simulate` run with the contract
+On isear with GPT-3.5 answers and hatespeech with Llama-2 answers (shuffled with seed 0 and/or in
+file order), every target is one `cascade simulate` run with the contract
 (--min-agreement 0.90, 0.95, 0.98; --max-llm-fraction 0.2, 0.4, 0.6) and every mu of the sweep one
 run with that fixed price (no audits). The oracle is the best fixed mu in hindsight: its
 (LLM-call fraction, agreement) frontier, interpolated linearly, with mu = 0 (the LLM alone) at (1, 1).
@@ -113,11 +113,12 @@ def judge(row: dict[str, Any], front: list[tuple[float, float]]) -> dict[str, An
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default="/work/shared/data")
-    ap.add_argument("--file-order", action="store_true", help="also run every stream in file order")
+    ap.add_argument("--order", choices=["shuffled", "file", "both"], default="shuffled",
+                    help="streams shuffled with seed 0, in file order, or both")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "contract.json")
     args = ap.parse_args()
-    orders: list[int | None] = [0, None] if args.file_order else [0]
+    orders: list[int | None] = {"shuffled": [0], "file": [None], "both": [0, None]}[args.order]
     settings = ([{"min_agreement": a} for a in MIN_AGREEMENT] + [{"max_llm_fraction": f} for f in MAX_LLM_FRACTION]
                 + [{"mu": m} for m in MUS])
     jobs = [(args.data_dir, d, llm, o, s) for d, llm in STREAMS for o in orders for s in settings]
