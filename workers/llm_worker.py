@@ -79,7 +79,7 @@ class LLMWorker(Worker):
         """Ask the LLM about the audits the budget allowed; their answers are demonstrations and
         measurements of the tier that answered, never decisions."""
         if self.contract is None:
-            return []  # audits from workers of a contract since switched off: nothing to measure
+            return []
         for d in received:  # the tallies count whether or not the audit itself is made
             if d.tally is not None:
                 self.contract.record_tally(d.tally)
@@ -130,7 +130,9 @@ class LLMWorker(Worker):
                 self.metrics.dead_letters.labels(self.role, "invalid_deferral").inc()
                 continue
             if d.audit:
-                audits.setdefault(d.event.id, d)
+                # Audits from tier workers of a contract since switched off: nothing to measure.
+                if self.contract is not None:
+                    audits.setdefault(d.event.id, d)
             else:
                 items.setdefault(d.event.id, (rec, d))
         ids = list(items)
