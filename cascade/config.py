@@ -174,13 +174,19 @@ class EnsembleTierConfig(TierConfig):
         return self
 
 
+DEFAULT_MU = 1.0  # the price before this release made it optional
+
+
 class DeferralConfig(_Section):
     """The learned deferral policy (Nie et al., ICML 2024), shared by every cheap tier."""
 
-    mu: float = Field(
-        1.0,
+    # None: the quality contract (``contract``) prices LLM calls live. A number is an expert's fixed
+    # price: setting it (YAML, CASCADE_DEFERRAL__MU or --mu) turns the contract off.
+    mu: float | None = Field(
+        None,
         ge=0,
-        description="price of one LLM call in units of disagreement with the LLM; higher answers more cheaply",
+        description="fixed price of one LLM call in units of disagreement with the LLM (higher answers more "
+        "cheaply); unset: the contract drives",
     )
     warmup: int = Field(200, ge=0, description="demonstrations before a tier may answer at all")
     learning_rate: float = Field(0.3, gt=0)
@@ -193,10 +199,60 @@ class DeferralConfig(_Section):
     # Per-tier decision thresholds set by a replay sweep override the mu rule when present.
     threshold_overrides: dict[str, float] = Field(default_factory=dict)
 
+    @property
+    def fixed_price(self) -> bool:
+        """An expert fixed the price (mu or per-tier thresholds): no contract moves it."""
+        return self.mu is not None or bool(self.threshold_overrides)
+
+    @property
+    def effective_mu(self) -> float:
+        """The mu rule's price: the one given, else the rule tiers follow until the contract sets
+        their thresholds (a tier whose policy is still cold has none)."""
+        return DEFAULT_MU if self.mu is None else self.mu
+
     @model_validator(mode="after")
     def _exploration_order(self) -> DeferralConfig:
         if self.exploration_min > self.exploration_max:
             raise ValueError("exploration_min must not exceed exploration_max")
+        return self
+
+
+class ContractConfig(_Section):
+    """The quality contract: hold agreement with the LLM (with confidence) or an LLM-call share, live.
+
+    It is on unless ``deferral.mu`` (or ``deferral.threshold_overrides``) is set, which fixes the
+    price instead, or both targets are null. A share of the cheap answers (``audit_rate``, drawn
+    by a hash of the event id, independent of the policy) is also asked of the LLM to measure
+    agreement; ``cascade.contract`` has the estimator and the controller.
+    """
+
+    min_agreement: float | None = Field(
+        0.95, gt=0, lt=1, description="lower confidence bound on agreement with the LLM to hold; null: none"
+    )
+    max_llm_fraction: float | None = Field(
+        None, ge=0, le=1,
+        description="LLM calls (answers and audits) per event at most; with min_agreement, this one wins",
+    )
+    audit_rate: float = Field(0.03, ge=0, le=1, description="share of cheap answers also asked of the LLM")
+    alpha: float = Field(0.05, gt=0, lt=1, description="the bound holds with probability 1 - alpha")
+    window_events: int = Field(200_000, ge=2, description="events in the windowed shares")
+    window_audits: int = Field(10_000, ge=2, description="audits per tier in the windowed bound")
+    update_every: int = Field(100, gt=0, description="events between controller updates")
+    # The controller predicts from the risk scores of recent events: the scores fall as the tiers
+    # learn, so an older sample over-predicts deferrals (a budget then goes underspent).
+    score_window: int = Field(2000, ge=100, description="most recent scored events per tier the controller predicts from")
+    audit_salt: str = Field("contract-audit", min_length=1, description="change to draw a fresh audit sample")
+
+    @property
+    def targets(self) -> bool:
+        return self.min_agreement is not None or self.max_llm_fraction is not None
+
+    @model_validator(mode="after")
+    def _audits_for_the_bound(self) -> ContractConfig:
+        # Without audits the agreement of cheap answers is unknown, so its bound is 0: the
+        # contract could only be held by sending everything to the LLM.
+        if self.min_agreement is not None and self.audit_rate == 0:
+            raise ValueError("audit_rate must be above 0 when min_agreement is set")
         return self
 
 
@@ -383,12 +439,18 @@ class CascadeConfig(BaseModel):
     features: FeatureConfig = Field(default_factory=FeatureConfig)
     tiers: list[AnyTierConfig] = Field(default_factory=_default_tiers, min_length=1)
     deferral: DeferralConfig = Field(default_factory=DeferralConfig)
+    contract: ContractConfig = Field(default_factory=ContractConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @property
+    def contract_on(self) -> bool:
+        """The contract drives the thresholds: no fixed price given and a target set."""
+        return not self.deferral.fixed_price and self.contract.targets
 
     @model_validator(mode="after")
     def _pipeline_named(self) -> CascadeConfig:

@@ -99,6 +99,16 @@ class RoutingSnapshot(Message):
     updated_at: float = Field(default_factory=time.time)
 
 
+class ContractTally(Message):
+    """What a tier worker answered and scored since its previous audit: the quality contract's
+    estimator and controller run in the LLM worker, which sees no cheap answer otherwise."""
+
+    tier: str
+    answered: int = Field(0, ge=0)
+    risk: list[float] = Field(default_factory=list)  # the stage's risk scores, answered or not
+    p_agree: list[float] = Field(default_factory=list)  # the policy's p for the same events
+
+
 class Deferred(Message):
     """An event passed up the cascade: to the next tier's topic or the LLM's."""
 
@@ -108,6 +118,10 @@ class Deferred(Message):
     cost: float = 0.0  # spent on it so far
     first_seen: float = Field(default_factory=time.time)
     llm_holds: int = Field(0, ge=0, description="times requeued because the LLM endpoint's circuit was open")
+    # A copy of an event the last tier in ``outputs`` answered, for the LLM to audit: its answer is a
+    # demonstration and a measurement, never a second decision.
+    audit: bool = False
+    tally: ContractTally | None = None  # carried by audits
 
 
 class DeadLetter(Message):

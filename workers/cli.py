@@ -27,8 +27,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     rows = read_stream(args.data, shuffle_seed=args.shuffle_seed, limit=args.limit)
     overrides: dict[str, Any] = {"llm": {"name": args.llm, "backend": "recorded"}}
-    if args.mu is not None:
-        overrides["deferral"] = {"mu": args.mu}
+    overrides.update(_pricing(args))
     if args.seed is not None:
         overrides["seed"] = args.seed
     if not args.config:  # no task configured: the stream's own label set
@@ -79,8 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.llm:
             llm["name"] = args.llm
         overrides["llm"] = llm
-    if args.mu is not None:
-        overrides["deferral"] = {"mu": args.mu}
+    overrides.update(_pricing(args))
     if rows is not None and not args.config:
         overrides["task"] = {"name": Path(args.data).name.split(".")[0], "labels": sorted(labels_of(rows))}
     config = _config(args, **overrides)
@@ -160,6 +158,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if target is None or (report.recommendation and report.recommendation.index is not None) else 3
 
 
+def _pricing(args: argparse.Namespace) -> dict[str, Any]:
+    """--mu fixes the price of an LLM call; --min-agreement/--max-llm-fraction set the contract's
+    targets instead (either alone replaces the configured pair: the other is then off)."""
+    contract = args.min_agreement is not None or args.max_llm_fraction is not None
+    if args.mu is not None and contract:
+        raise ConfigError("--mu fixes the price of an LLM call; it cannot be combined with a contract target "
+                          "(--min-agreement, --max-llm-fraction)")
+    if args.mu is not None:
+        return {"deferral": {"mu": args.mu}}
+    if contract:
+        return {"contract": {"min_agreement": args.min_agreement, "max_llm_fraction": args.max_llm_fraction}}
+    return {}
+
+
 def _key_value(text: str) -> tuple[str, float]:
     key, sep, value = text.partition("=")
     try:
@@ -181,6 +193,14 @@ def _print_report(report: Any) -> None:
           f"LLM unusable {report.llm_unusable}   explored {report.explored}")
     print(f"macro-F1          {report.macro_f1:.4f}")
     print(f"events/second     {report.events_per_second:,.0f}")
+    if report.contract is not None:
+        c = report.contract
+        print(f"contract          agreement with the LLM ≥ {c.agreement_lower_bound:.3f} "
+              f"({1 - c.alpha:.0%} confidence; estimate {c.estimated_agreement:.3f}; windowed ≥ "
+              f"{c.window_agreement_lower_bound:.3f}), LLM calls {report.llm_call_fraction:.0%} "
+              f"(audits {report.audit_calls})")
+        if c.budget_binding_updates:
+            print(f"budget binding    at {c.budget_binding_updates} controller updates: {c.budget_binding_reason}")
     print("per tier:")
     for name, t in report.per_tier.items():
         acc = "-" if t.accuracy is None else f"{t.accuracy:.4f}"
@@ -188,6 +208,13 @@ def _print_report(report: Any) -> None:
     print("per class (precision / recall):")
     for name, c in report.per_class.items():
         print(f"  {name:<12} {c.precision:.3f} / {c.recall:.3f}  (support {c.support})")
+
+
+def _contract_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-agreement", type=float, default=None, metavar="A",
+                   help="hold agreement with the LLM >= A (lower confidence bound; the default contract is 0.95)")
+    p.add_argument("--max-llm-fraction", type=float, default=None, metavar="F",
+                   help="at most F LLM calls (answers and audits) per event; wins over --min-agreement")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, type=Path, help="file in the ../shared/data format (.jsonl or .jsonl.gz)")
     s.add_argument("--llm", required=True, help="whose recorded answers play the LLM, e.g. gpt-3.5-turbo-1106")
     s.add_argument("--shuffle-seed", type=int, default=None, help="shuffle the rows with this seed (default: file order)")
+    _contract_flags(s)
     s.add_argument("--mu", type=float, default=None, help="cost weight of an LLM call (overrides the config)")
     s.add_argument("--miss-cost", action="append", metavar="LABEL=COST",
                    help="cost of a cheap answer missing LABEL, relative to 1 (repeatable)")
@@ -228,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ask a live OpenAI-compatible server at URL (…/v1) instead of recorded answers")
     r.add_argument("--shuffle-seed", type=int, default=None)
     r.add_argument("--limit", type=int, default=None)
+    _contract_flags(r)
     r.add_argument("--mu", type=float, default=None)
     r.add_argument("--run-dir", type=Path, default=Path(".run"))
     r.add_argument("--base-port", type=int, default=9100, help="metrics ports: base, base+1, ...")

@@ -1,19 +1,27 @@
 """`cascade worker --tier llm`: takes budget, calls the LLM with bounded concurrency, produces the
-decision and the demonstration. Failures are retried with backoff, then dead-lettered."""
+decision and the demonstration. Failures are retried with backoff, then dead-lettered.
+
+With the quality contract on, it also answers the tier workers' audits (a demonstration, no
+decision) and runs the contract's estimator and controller: it sees every LLM answer and audit,
+and the audits carry the tier workers' tallies. The thresholds go into the live parameters that
+the tier workers follow."""
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import ValidationError
 
 from cascade.config import CascadeConfig
+from cascade.contract.runtime import Audit, Contract
 from cascade.logging import get_logger
 from cascade.messages import Decision, Deferred, Demonstration, LLMAnswer
-from cascade.routing.steps import LLMStep
+from cascade.routing.build import initial_params
+from cascade.routing.steps import LLMStep, price_deferral
 from cascade.state import cacheable
 from cascade.state.keys import cache_keys
 from cascade.task import Task
@@ -41,6 +49,7 @@ class LLMWorker(Worker):
             self.metrics.budget_limit.labels(self.role, limit.name).set(limit.limit)
         self.hold_until = 0.0
         self.unmapped = UnmappedWatch()
+        self.contract = Contract(config, [t.name for t in config.tiers]) if config.contract_on else None
 
     def _window_left(self, window: str | None) -> float:
         """Seconds until the named budget window rolls over (windows align to the epoch); at most 5 s
@@ -76,9 +85,53 @@ class LLMWorker(Worker):
                         hint="check task.labels and task.label_aliases against what the LLM answers")
         self.metrics.llm_unmapped_ratio.labels(self.role).set(self.unmapped.ratio)
 
+    def _audit(self, received: Iterable[Deferred], allowed: list[Deferred]) -> list[Demonstration]:
+        """Ask the LLM about the audits the budget allowed; their answers are demonstrations and
+        measurements of the tier that answered, never decisions."""
+        if self.contract is None:
+            return []
+        for d in received:  # the tallies count whether or not the audit itself is made
+            if d.tally is not None:
+                self.contract.record_tally(d.tally)
+        demos = []
+        for d, ans in zip(allowed, self.pool.map(self._call, allowed), strict=True):
+            if isinstance(ans, LLMError):
+                self.step.refund()  # a lost measurement; the event's decision stands
+                log.warning("audit_failed", event_id=d.event.id, reason=ans.reason)
+                continue
+            self.metrics.llm_calls.labels(self.role).inc()
+            self.metrics.audit_calls.labels(self.role).inc()
+            self.metrics.llm_spend.labels(self.role).inc(ans.cost)
+            _, demo = self.step.settle(d, ans)
+            if demo is None:
+                continue
+            demos.append(demo)
+            out = d.outputs[-1]
+            if out.p_agree is not None:
+                self.contract.record_audit(Audit(out.tier, out.label(self.task.labels), out.p_agree), demo.llm_label)
+        return demos
+
+    def _control(self) -> None:
+        """The controller's new thresholds into the live parameters, and the contract's gauges."""
+        assert self.contract is not None
+        tiers = [(t.name, t.cost) for t in self.config.tiers]
+        costs = price_deferral(tiers, self.state.get_routing(), self.config.llm.cost)
+        params = self.state.get_live_params() or initial_params(self.config)
+        updated = self.contract.control(params, {t: c.cost for t, c in costs.items()})
+        if updated is None:
+            return
+        self.state.set_live_params(updated)
+        e, m = self.contract.estimate(), self.metrics
+        for scope, estimate, bound in (("stream", e.estimated_agreement, e.agreement_lower_bound),
+                                       ("window", e.window_estimated_agreement, e.window_lower_bound)):
+            m.agreement_estimate.labels(self.role, scope).set(estimate)
+            m.agreement_lower_bound.labels(self.role, scope).set(bound)
+        m.budget_binding.labels(self.role).set(float(bool(self.contract.last and self.contract.last.budget_binding)))
+
     def process_batch(self, records: list[ConsumerRecord]) -> BatchResult:
         res = BatchResult()
         items: dict[str, tuple[ConsumerRecord, Deferred]] = {}
+        audits: dict[str, Deferred] = {}  # decided by their tier already: not subject to idempotency
         for rec in records:
             try:
                 d = Deferred.model_validate_json(rec.value)
@@ -86,11 +139,16 @@ class LLMWorker(Worker):
                 res.records.append(dead_letter(self.topics, self.role, rec, "invalid_deferral", str(e)))
                 self.metrics.dead_letters.labels(self.role, "invalid_deferral").inc()
                 continue
-            items.setdefault(d.event.id, (rec, d))
+            if d.audit:
+                # Audits from tier workers of a contract since switched off: nothing to measure.
+                if self.contract is not None:
+                    audits.setdefault(d.event.id, d)
+            else:
+                items.setdefault(d.event.id, (rec, d))
         ids = list(items)
         keys = dict(zip(ids, cache_keys(self.task.name, self.task.labels, [items[i][1].event.text for i in ids])))
         fresh = self.undecided_with_cache(ids, list(keys.values()))
-        self.metrics.duplicates.labels(self.role).inc(len(records) - len(fresh))
+        self.metrics.duplicates.labels(self.role).inc(len(records) - len(audits) - len(fresh))
         decided: list[Decision] = []
         demos: list[Demonstration] = []
         to_call: list[str] = []
@@ -100,7 +158,10 @@ class LLMWorker(Worker):
                 self.metrics.cache_hits.labels(self.role).inc()
             else:
                 to_call.append(i)
-        takes = self.step.take_budget(len(to_call))
+        # Audits take budget after the events that need an answer; a refused audit is skipped.
+        takes = self.step.take_budget(len(to_call) + len(audits))
+        audit_takes = takes[len(to_call):]
+        takes = takes[: len(to_call)]
         for window, left in (takes[-1].remaining if takes else {}).items():
             self.metrics.budget_remaining.labels(self.role, window).set(left)
         allowed = []
@@ -117,7 +178,9 @@ class LLMWorker(Worker):
                 self.hold_until = max(self.hold_until, time.time() + self._window_left(take.reason))
             else:
                 decided.append(self.step.exhausted(d))
+        audited = [d for d, take in zip(audits.values(), audit_takes, strict=True) if take.allowed]
         answers = list(self.pool.map(lambda i: self._call(items[i][1]), allowed))
+        demos.extend(self._audit(audits.values(), audited))
         for i, ans in zip(allowed, answers):
             rec, d = items[i]
             if isinstance(ans, LLMError):
@@ -141,6 +204,10 @@ class LLMWorker(Worker):
             decided.append(decision)
             if demo is not None:
                 demos.append(demo)
+        if self.contract is not None:
+            for dec in decided:
+                self.contract.record(dec)
+            self._control()
         for dec in decided:
             res.records.append(OutRecord(self.topics.decisions, dec.event_id.encode(), dec.model_dump_json().encode()))
             self.metrics.answered.labels(self.role, dec.tier, dec.reason).inc()

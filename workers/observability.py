@@ -50,6 +50,14 @@ class WorkerMetrics:
             "cascade_llm_unmapped_ratio", "Share of the last 100 LLM answers that map to no label", ["role"], registry=r
         )
         self.model_version = Gauge("cascade_model_version", "Version of each loaded model", ["role", "name"], registry=r)
+        # The quality contract (LLM worker): scope "stream" is the whole stream, "window" the recent window.
+        self.agreement_estimate = Gauge("cascade_agreement_estimate", "Estimated agreement of delivered decisions "
+                                        "with the LLM, from audits", ["role", "scope"], registry=r)
+        self.agreement_lower_bound = Gauge("cascade_agreement_lower_bound", "Lower confidence bound (1 - alpha) on "
+                                           "that agreement", ["role", "scope"], registry=r)
+        self.audit_calls = Counter("cascade_audit_calls_total", "LLM calls auditing a cheap answer", ["role"], registry=r)
+        self.budget_binding = Gauge("cascade_contract_budget_binding", "1 while max_llm_fraction overrules "
+                                    "min_agreement", ["role"], registry=r)
 
 
 class UnmappedWatch:

@@ -10,19 +10,23 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from kafka import KafkaConsumer
+from prometheus_client.parser import text_string_to_metric_families
 
 from cascade.config import CascadeConfig
+from cascade.contract.runtime import ContractStatus
 from cascade.evaluation.data import LabelledEvent
 from cascade.evaluation.progress import Progress
 from cascade.evaluation.report import Report, Scorer
 from cascade.logging import get_logger
 from cascade.messages import Decision
 from cascade.security import kafka_client_kwargs, secret_environment
+from cascade.state import make_state
 from cascade.task import Task
 from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
 from workers.topics import Topics
@@ -123,14 +127,47 @@ def collect_decisions(config: CascadeConfig, ids: set[str], timeout_s: float, pr
     return found
 
 
-def score(config: CascadeConfig, rows: list[LabelledEvent], decisions: dict[str, list[Decision]], seconds: float) -> Report:
+def llm_worker_metrics(port: int) -> dict[tuple[str, str], float]:
+    """The LLM worker's metrics by (sample name, scope label); empty when it cannot be reached."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    return {(s.name, s.labels.get("scope", "")): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def contract_status(config: CascadeConfig, metrics: dict[tuple[str, str], float]) -> ContractStatus | None:
+    """The contract as the LLM worker, which runs it, exports it (None before its first update)."""
+    if not config.contract_on or ("cascade_agreement_lower_bound", "stream") not in metrics:
+        return None
+    c, live = config.contract, make_state(config).get_live_params()
+    binding = metrics.get(("cascade_contract_budget_binding", ""), 0.0) > 0
+    return ContractStatus(
+        min_agreement=c.min_agreement, max_llm_fraction=c.max_llm_fraction, alpha=c.alpha, audit_rate=c.audit_rate,
+        audits_measured=int(metrics.get(("cascade_audit_calls_total", ""), 0)),
+        estimated_agreement=metrics[("cascade_agreement_estimate", "stream")],
+        agreement_lower_bound=metrics[("cascade_agreement_lower_bound", "stream")],
+        window_estimated_agreement=metrics[("cascade_agreement_estimate", "window")],
+        window_agreement_lower_bound=metrics[("cascade_agreement_lower_bound", "window")],
+        contract_met=None,  # the worker exports the bound, not the controller's verdict
+        budget_binding=binding, budget_binding_updates=int(binding), budget_binding_reason=None,
+        thresholds=live.thresholds if live else {}, exploration_scale=live.exploration_scale if live else 1.0,
+    )
+
+
+def score(config: CascadeConfig, rows: list[LabelledEvent], decisions: dict[str, list[Decision]], seconds: float,
+          llm_metrics: dict[tuple[str, str], float] | None = None) -> Report:
     task = Task(config.task)
     scorer = Scorer(task.labels)
     for r in rows:
         ds = decisions.get(r.event.id)
         recorded = (r.event.payload.get(config.llm.recorded_field) or {}).get(config.llm.name)
         scorer.add_decision(r.gold, ds[0] if ds else None, task.map_answer(recorded), None)
-    return scorer.report(seconds, {"mu": config.deferral.mu, "llm": config.llm.name})
+    metrics = llm_metrics or {}
+    scorer.audit_calls = int(metrics.get(("cascade_audit_calls_total", ""), 0))
+    return scorer.report(seconds, {"mu": config.deferral.mu, "llm": config.llm.name}, contract_status(config, metrics))
 
 
 def run_pipeline(config: CascadeConfig, rows: list[LabelledEvent] | None, run_dir: Path, base_port: int,
@@ -149,6 +186,8 @@ def run_pipeline(config: CascadeConfig, rows: list[LabelledEvent] | None, run_di
         feeder.start()
         decisions = collect_decisions(config, {r.event.id for r in rows}, timeout_s, progress)
         feeder.join()
-        return score(config, rows, decisions, time.perf_counter() - start), decisions
+        seconds = time.perf_counter() - start
+        llm_port = base_port + len(config.tiers)  # the worker order of worker_commands
+        return score(config, rows, decisions, seconds, llm_worker_metrics(llm_port)), decisions
     finally:
         stop_workers(procs)

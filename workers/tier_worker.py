@@ -10,6 +10,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import ValidationError
 
 from cascade.config import CascadeConfig
+from cascade.contract.runtime import Audit, TierTally
 from cascade.learning.registry import ModelFollower
 from cascade.logging import get_logger
 from cascade.messages import Decision, Deferred
@@ -43,6 +44,8 @@ class TierWorker(Worker):
         # True when the consumer group had no committed offsets at start (set by run()).
         self.fresh_group: bool | None = None
         self.fresh_watch = FreshGroupWatch()
+        # The contract: this worker audits its answers; the LLM worker estimates and steers.
+        self.tally = TierTally(config, tier) if config.contract_on else None
 
     def run(self, max_idle_s: float | None = None) -> None:
         try:
@@ -135,9 +138,17 @@ class TierWorker(Worker):
         if todo:
             step = route_stage(self.stage, todo, time.time())
             latency = self.metrics.event_latency.labels(self.role)
-            for j, decision in step.answered:
+            audits: list[Audit | None] = [None] * len(step.answered)
+            if self.tally is not None:
+                audits = self.tally.observe(step.routing, [j for j, _ in step.answered], [d.event.id for d in todo])
+            for (j, decision), audit in zip(step.answered, audits, strict=True):
                 decided.append(decision)
                 latency.observe(decision.ts - todo[j].first_seen)
+                if audit is not None and self.tally is not None:  # the decision is the tier's; the LLM audits a copy
+                    d = todo[j]
+                    copy = Deferred(event=d.event, outputs=[*d.outputs, step.routing.output(j)], cost=decision.cost,
+                                    first_seen=d.first_seen, audit=True, tally=self.tally.take())
+                    res.records.append(OutRecord(self.topics.llm, d.event.id.encode(), copy.model_dump_json().encode()))
             above = self.topics.above(self.stage.tier.name)
             for _, up in step.passed:
                 to = self.topics.llm if up.explored else above

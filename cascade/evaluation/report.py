@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from cascade.contract.runtime import ContractStatus
 from cascade.messages import Decision
 
 
@@ -25,7 +26,7 @@ class ClassScore(BaseModel):
 
 class Report(BaseModel):
     events: int
-    llm_calls: int
+    llm_calls: int  # every LLM call: answers and audits
     llm_call_fraction: float
     accuracy: float
     llm_accuracy: float | None  # None when the LLM's answers were not recorded (a live LLM)
@@ -44,6 +45,18 @@ class Report(BaseModel):
     events_per_second: float
     seconds: float
     config: dict[str, Any] = {}
+    audit_calls: int = 0  # LLM calls that audited a cheap answer (in llm_calls)
+    # The contract's own estimate of agreement with the LLM (from audits; None without a contract).
+    estimated_agreement: float | None = None
+    agreement_lower_bound: float | None = None  # holds with probability 1 - contract.alpha
+    window_estimated_agreement: float | None = None
+    window_agreement_lower_bound: float | None = None
+    contract: ContractStatus | None = None
+
+
+# The contract's estimates a report also shows at the top level.
+_ESTIMATES = {"estimated_agreement", "agreement_lower_bound", "window_estimated_agreement",
+              "window_agreement_lower_bound"}
 
 
 def _f1(p: float, r: float) -> float:
@@ -83,10 +96,11 @@ class Scorer:
         self.explored = 0
         self.missing_llm = 0
         self.cost = 0.0
+        self.audit_calls = 0
 
     @property
     def llm_calls(self) -> int:
-        return self.reasons["llm"] + self.reasons["llm_unusable"]
+        return self.reasons["llm"] + self.reasons["llm_unusable"] + self.audit_calls
 
     def add_decision(self, gold: str | None, d: Decision | None, llm_alone: str | None, cheap_alone: str | None) -> None:
         """One event's outcome; a missing decision counts as wrong, in a tier of its own."""
@@ -100,7 +114,9 @@ class Scorer:
         self.explored += bool(d and d.explored)
         self.cost += d.cost if d else 0.0
 
-    def report(self, seconds: float, config: dict[str, Any] | None = None) -> Report:
+    def report(
+        self, seconds: float, config: dict[str, Any] | None = None, contract: ContractStatus | None = None
+    ) -> Report:
         n = len(self.gold)
         acc = lambda a, b: sum(x is not None and x == y for x, y in zip(a, b)) / max(len(a), 1)  # noqa: E731
         per_class = per_class_scores(self.labels, self.gold, self.pred)
@@ -137,4 +153,7 @@ class Scorer:
             events_per_second=n / seconds if seconds > 0 else 0.0,
             seconds=seconds,
             config=config or {},
+            audit_calls=self.audit_calls,
+            contract=contract,
+            **({} if contract is None else contract.model_dump(include=_ESTIMATES)),
         )

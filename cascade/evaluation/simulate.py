@@ -19,6 +19,13 @@ def simulate(
     batch_size: int = 1,
     progress: bool = True,
 ) -> Report:
+    return simulate_scored(config, rows, batch_size, progress)[0]
+
+
+def simulate_scored(
+    config: CascadeConfig, rows: list[LabelledEvent], batch_size: int = 1, progress: bool = True,
+) -> tuple[Report, Scorer]:
+    """``simulate``, with the scorer's per-event record (benchmarks score blocks of the stream)."""
     cascade = Cascade(config)
     recorded = cascade.llm if isinstance(cascade.llm, RecordedAnswers) else None
     scorer = Scorer(cascade.task.labels)
@@ -31,10 +38,13 @@ def simulate(
             llm_alone = cascade.task.map_answer(recorded.recorded(row.event)[1]) if recorded else None
             cheap_alone = outputs[0].label(cascade.task.labels) if outputs else None
             scorer.add_decision(row.gold, decision, llm_alone, cheap_alone)
+        scorer.audit_calls += step.audit_calls
         done += len(batch)
         bar.update(done, f"llm {scorer.llm_calls / done:.2f}")
     seconds = time.perf_counter() - start
-    return scorer.report(seconds, {"mu": config.deferral.mu, "llm": config.llm.name, "seed": config.seed})
+    status = cascade.contract.status() if cascade.contract is not None else None
+    return scorer.report(seconds, {"mu": config.deferral.mu, "llm": config.llm.name, "seed": config.seed},
+                         status), scorer
 
 
 def simulate_file(

@@ -17,7 +17,7 @@ def build_tier(config: CascadeConfig, index: int) -> Tier:
 
 
 def initial_params(config: CascadeConfig) -> LiveParams:
-    return LiveParams(mu=config.deferral.mu, thresholds=dict(config.deferral.threshold_overrides))
+    return LiveParams(mu=config.deferral.effective_mu, thresholds=dict(config.deferral.threshold_overrides))
 
 
 def stage_of(config: CascadeConfig, tier: Tier, index: int, params: LiveParams | None = None) -> Stage:

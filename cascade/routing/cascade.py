@@ -1,7 +1,9 @@
 """The in-process cascade: the engine's steps run one after the other in one process.
 
 Stages in order answer what their policies accept; the LLM answers the rest within the budget;
-the tiers and policies learn from the LLM's answers. The Kafka workers run the same steps
+the tiers and policies learn from the LLM's answers. Unless a fixed price is configured, the
+quality contract (``cascade.contract.runtime``) audits a share of the cheap answers and sets the
+tiers' thresholds. The Kafka workers run the same steps
 (``cascade.routing.steps``), one stage per consumer group.
 """
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from cascade.config import CascadeConfig
+from cascade.contract.runtime import Audit, Contract
 from cascade.learning.learner import Learner
 from cascade.messages import Decision, Deferred, Demonstration, Event, LiveParams, TierOutput
 from cascade.routing.build import build_stages, initial_params
@@ -32,7 +35,8 @@ class CascadeStep:
 
     decisions: list[Decision]
     outputs: list[list[TierOutput]]
-    demonstrations: list[Demonstration | None]
+    demonstrations: list[Demonstration | None]  # the LLM's answer, or its audit of a cheap answer
+    audit_calls: int = 0  # LLM calls spent on audits (their decisions stay the tiers')
 
 
 @dataclass
@@ -45,6 +49,7 @@ class _Routed:
     outputs: list[list[TierOutput]]
     known: list[dict[str, tuple[TierOutput, Any]]]
     keys: list[str]
+    audits: dict[int, Audit]  # cheap answers drawn for an audit, by batch position
 
 
 class Cascade:
@@ -77,6 +82,7 @@ class Cascade:
         self.llm = llm or make_backend(self.task, config.llm)
         self.llm_step = LLMStep(self.task, self.llm.name, self.state)
         self.rng = random.Random(config.seed)
+        self.contract = Contract(config, [s.tier.name for s in self.stages]) if config.contract_on else None
 
     def __enter__(self) -> Self:
         return self
@@ -97,7 +103,8 @@ class Cascade:
 
     def route(self, events: Sequence[Event]) -> list[Decision | Deferred]:
         """The cache and the cheap tiers only: a decision where they answered, else the event as it
-        left the tiers (a ``Deferred``), for the LLM or any labeller; learn its label with ``learn``."""
+        left the tiers (a ``Deferred``), for the LLM or any labeller; learn its label with ``learn``.
+        The contract audits and steers in ``process``/``step`` only, where the LLM is at hand."""
         routed = self._route(events)
         return [d if d is not None else item for d, item in zip(routed.decisions, routed.items)]
 
@@ -115,21 +122,31 @@ class Cascade:
         routed = self._route(events)
         decisions, items = routed.decisions, routed.items
         demos: list[Demonstration | None] = [None] * len(events)
-        wanted = [i for i, d in enumerate(decisions) if d is None]
+        # Budget takes in order: the events that need the LLM first, then the audits, which only
+        # measure (an audit the budget refuses is skipped; its decision is the tier's already).
+        wanted = [i for i, d in enumerate(decisions) if d is None] + sorted(routed.audits)
         # In-process there is nowhere to hold an event, so ``budget.on_exhausted: hold`` applies
         # to the Kafka LLM worker only.
         takes = self.llm_step.take_budget(len(wanted))
         allowed = [i for i, take in zip(wanted, takes) if take.allowed]
         for i, take in zip(wanted, takes):
-            if not take.allowed:
+            if not take.allowed and decisions[i] is None:
                 decisions[i] = self.llm_step.exhausted(items[i])
+        audit_calls = 0
         if allowed:
             answers = call_with_retries(
                 lambda: self.llm.answer([events[i] for i in allowed]),
                 self.config.llm.max_retries, self.config.llm.retry_backoff_s, self.rng,
             )
             for i, answer in zip(allowed, answers):
-                decisions[i], demos[i] = self.llm_step.settle(items[i], answer)
+                audit = routed.audits.get(i)
+                if audit is None:
+                    decisions[i], demos[i] = self.llm_step.settle(items[i], answer)
+                    continue
+                _, demos[i] = self.llm_step.settle(items[i], answer)  # a demonstration, not a second decision
+                audit_calls += 1
+                if answer.label is not None and self.contract is not None:
+                    self.contract.record_audit(audit, answer.label)
         done: list[Decision] = decisions  # type: ignore[assignment]  # every event has its decision now
         cheap = self.config.state.cache_cheap_answers
         self.state.put_decisions((routed.keys[i], d) for i, d in enumerate(done) if cacheable(d, cheap))
@@ -138,7 +155,14 @@ class Cascade:
             self.learner.learn([events[i] for i in learned], [demos[i].llm_label for i in learned],  # type: ignore[union-attr]
                                [routed.known[i] for i in learned])
         self._price_deferral()
-        return CascadeStep(done, routed.outputs, demos)
+        if self.contract is not None:
+            for d in done:
+                self.contract.record(d)
+            params = self.contract.control(
+                self.params, {s.tier.name: s.policy.defer_cost.cost for s in self.stages})
+            if params is not None:
+                self.set_params(params)
+        return CascadeStep(done, routed.outputs, demos, audit_calls)
 
     def _route(self, events: Sequence[Event]) -> _Routed:
         n = len(events)
@@ -149,15 +173,25 @@ class Cascade:
         keys = cache_keys(self.task.name, self.task.labels, [e.text for e in events])
         decisions = self.state.get_decisions(keys, [e.id for e in events])  # answered before any tier runs
         pending = [i for i, hit in enumerate(decisions) if hit is None]
+        audits: dict[int, Audit] = {}
         for stage in self.stages:
             if not pending:
                 break
             step = route_stage(stage, [items[i] for i in pending], now)
             name, inputs = stage.tier.name, step.routing.inputs
-            for j, decision in step.answered:
+            drawn: list[Audit | None] = [None] * len(step.answered)
+            if self.contract is not None:
+                self.contract.observe(step.routing)
+                drawn = self.contract.draw_audits(
+                    step.routing, [j for j, _ in step.answered], [events[i].id for i in pending])
+            for (j, decision), audit in zip(step.answered, drawn, strict=True):
                 i = pending[j]
                 decisions[i] = decision
-                outputs[i].append(step.routing.output(j))
+                output = step.routing.output(j)
+                outputs[i].append(output)
+                if audit is not None:  # its LLM answer is learned from, with what this tier computed
+                    audits[i] = audit
+                    known[i][name] = (output, inputs[j])
             still = []
             for j, item in step.passed:
                 i = pending[j]
@@ -167,7 +201,7 @@ class Cascade:
                 if not item.explored:  # explored events go straight to the LLM
                     still.append(i)
             pending = still
-        return _Routed(decisions, items, outputs, known, keys)
+        return _Routed(decisions, items, outputs, known, keys, audits)
 
     def _price_deferral(self) -> None:
         costs = price_deferral([(s.tier.name, s.tier.cost) for s in self.stages],

@@ -35,6 +35,7 @@ class StageRouting:
     probs: np.ndarray
     policy_features: np.ndarray
     p_agree: list[float] | None  # None while the policy is cold
+    risk: list[float] | None  # (1 - p_agree) x miss weight, what the threshold is compared with; None while cold
     inputs: Sequence[Any]  # the tier's prepared batch, reused by in-process learning
 
     def output(self, i: int) -> TierOutput:
@@ -130,5 +131,6 @@ class Stage:
         return StageRouting(
             tier=self.tier.name, version=self.tier.version, actions=actions,
             labels=[labels[j] for j in best.tolist()], confidence=probs[np.arange(len(events)), best].tolist(),
-            probs=probs, policy_features=feats, p_agree=p_list if warm else None, inputs=inputs,
+            probs=probs, policy_features=feats, p_agree=p_list if warm else None,
+            risk=risk.tolist() if warm else None, inputs=inputs,
         )

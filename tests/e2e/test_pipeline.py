@@ -187,3 +187,28 @@ def test_rebalances_lose_nothing(pipeline_config, tmp_path):
         stop_workers(procs)
     assert_one_decision_each(pipeline_config, rows, found)
     assert "started" in (tmp_path / "tier-replica.log").read_text()
+
+
+def test_the_contract_runs_across_the_workers(pipeline_config, tmp_path):
+    """Tier workers audit, the LLM worker estimates and steers, the tier workers follow its thresholds."""
+    from cascade.evaluation.data import LabelledEvent
+    from cascade.messages import Event
+    from workers.run import run_pipeline
+
+    config = pipeline_config.model_copy(update={
+        "deferral": pipeline_config.deferral.model_copy(update={"mu": None}),  # no fixed price: the contract
+        "contract": pipeline_config.contract.model_copy(update={"min_agreement": 0.9, "audit_rate": 0.1,
+                                                                "update_every": 50}),
+    })
+    assert config.contract_on
+    rows = [LabelledEvent(Event(id=r["id"], text=r["text"], payload=r), r["llm"][LLM]) for r in events(3000, seed=4)]
+    report, found = run_pipeline(config, rows, tmp_path, free_port(), timeout_s=240, progress=False, rate=200)
+    assert report is not None and set(found) == {r.event.id for r in rows}
+    assert report.audit_calls > 0
+    assert report.llm_calls == report.per_tier["llm"].answered + report.audit_calls
+    assert report.contract is not None and report.agreement_lower_bound is not None
+    assert 0.5 < report.agreement_lower_bound <= report.contract.estimated_agreement <= 1.0
+    live = make_state(config).get_live_params()
+    assert live is not None and "logistic" in live.thresholds  # written by the LLM worker's controller
+    assert "live_params_applied" in (tmp_path / "tier-logistic.log").read_text()  # and followed by the tier
+    assert report.per_tier["logistic"].answered > 500  # the tier answers under the contract's threshold

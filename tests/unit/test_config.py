@@ -29,6 +29,11 @@ def test_config_path_from_environment(tmp_path, monkeypatch):
         ("task:\n  labels: [a, a]\n", "task"),
         ("deferral:\n  exploration_min: 0.5\n  exploration_max: 0.1\n", "deferral"),
         ("tiers:\n  - name: llm\n", "<root>"),
+        ("contract:\n  min_agreement: 1.5\n", "contract.min_agreement"),
+        ("contract:\n  max_llm_fraction: -0.1\n", "contract.max_llm_fraction"),
+        ("contract:\n  audit_rate: 2\n", "contract.audit_rate"),
+        ("contract:\n  alpha: 0\n", "contract.alpha"),
+        ("contract:\n  min_agreement_typo: 0.9\n", "contract.min_agreement_typo"),
     ],
 )
 def test_invalid_config_names_the_field(tmp_path, yaml_text, field):
@@ -129,3 +134,23 @@ def test_an_onnx_config_validates_without_the_onnx_tier(monkeypatch):
     monkeypatch.setitem(sys.modules, "cascade.tiers.onnx", None)  # importing it would fail
     config = CascadeConfig(tiers=[{"name": "enc", "kind": "onnx"}])
     assert config.tiers[0].kind == "onnx"
+
+
+def test_contract_error_across_fields_names_the_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("contract:\n  audit_rate: 0\n")  # the default min_agreement needs audits
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "  contract:" in str(err.value) and "audit_rate" in str(err.value)
+
+
+def test_the_contract_is_the_default_and_a_fixed_price_turns_it_off(tmp_path):
+    config = load_config(None)
+    assert config.contract_on and config.contract.min_agreement == 0.95 and config.deferral.mu is None
+    assert config.deferral.effective_mu == 1.0  # the rule of tiers the contract has not priced yet
+    assert not load_config(None, deferral={"mu": 0.3}).contract_on
+    assert not load_config(None, deferral={"threshold_overrides": {"logistic": 0.2}}).contract_on
+    assert not load_config(None, contract={"min_agreement": None}).contract_on
+    path = tmp_path / "old.yaml"  # a config written before the contract still loads, as a fixed price
+    path.write_text("deferral:\n  mu: 0.5\n")
+    assert not load_config(path).contract_on

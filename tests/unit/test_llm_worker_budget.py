@@ -82,3 +82,28 @@ def test_budget_is_exported_as_metrics():
         assert w.metrics.budget_remaining.labels("llm", "calls_per_hour")._value.get() == 2
     finally:
         w.health.close()
+
+
+def test_audits_are_demonstrations_not_decisions_and_steer_the_live_parameters():
+    from cascade.messages import ContractTally
+
+    config = load_config(None, task={"labels": ["fear", "joy"]}, llm={"name": LLM},
+                         contract={"min_agreement": 0.9, "update_every": 5})
+    w = LLMWorker(config, metrics_port=0)
+    try:
+        recs = []
+        for i in range(6):  # the tier answered "fear" (its top class); the LLM says "joy": disagreements
+            d = Deferred.model_validate_json(deferred(i).value)
+            tally = ContractTally(tier="logistic", answered=10, risk=[0.1 * k for k in range(10)], p_agree=[0.9] * 10)
+            audit = d.model_copy(update={"audit": True, "tally": tally})
+            recs.append(Rec("cascade.llm", 0, i, audit.event.id.encode(), audit.model_dump_json().encode()))
+        result = w.process(recs)
+        assert outputs(result, "decisions") == []
+        assert len(outputs(result, "demonstrations")) == 6
+        assert w.metrics.audit_calls.labels("llm")._value.get() == 6
+        est = w.contract.estimate()  # type: ignore[union-attr]
+        assert est.audit_calls == 6 and est.tiers["logistic"].answers == 60 and est.tiers["logistic"].audit_agreements == 0
+        params = w.state.get_live_params()
+        assert params is not None and "logistic" in params.thresholds  # written for the tier workers to follow
+    finally:
+        w.health.close()
