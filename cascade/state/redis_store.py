@@ -86,11 +86,19 @@ class _Backoff:
             return None if since is None else self._clock() - since
 
 
-def _marks(raw: Sequence[bytes | None]) -> list[str | None]:
-    return [None if r is None else r.decode("utf-8", "replace") for r in raw]
+# redis-py types replies as bytes or str (it decodes when asked to); this client never asks.
+Reply = bytes | str
 
 
-def _cached(raw: Sequence[bytes | None]) -> list[CachedDecision | None]:
+def _text(r: Reply) -> str:
+    return r if isinstance(r, str) else r.decode("utf-8", "replace")
+
+
+def _marks(raw: Sequence[Reply | None]) -> list[str | None]:
+    return [None if r is None else _text(r) for r in raw]
+
+
+def _cached(raw: Sequence[Reply | None]) -> list[CachedDecision | None]:
     return [None if b is None else CachedDecision.model_validate_json(b) for b in raw]
 
 
@@ -244,17 +252,17 @@ class RedisState(StateStore):
         entry = registry_entry(name, version, blob)
         k = self.keys
         keys = [k.registry_current, k.registry_versions(name), k.registry_meta(name)]
-        args = [name, str(version), blob, entry.model_dump_json(), self.state_config.registry_keep,
+        args: list[Reply | int] = [name, str(version), blob, entry.model_dump_json(), self.state_config.registry_keep,
                 k.registry_blob(name), k.registry_channel]  # fmt: skip
         self._call("publish", lambda: self._publish_script(keys=keys, args=args), _RAISE)
         log.info("state.registry.published", model=name, version=version, size=entry.size)
         return entry
 
     def current_versions(self, names: Iterable[str] | None = None) -> dict[str, int]:
-        raw: dict[bytes, bytes] = self._call(
+        raw: dict[Reply, Reply] = self._call(
             "current_versions", lambda: self.client.hgetall(self.keys.registry_current), {}
         )
-        current = {n.decode(): int(v) for n, v in raw.items()}
+        current = {_text(n): int(v) for n, v in raw.items()}
         if names is None:
             return current
         return {n: current[n] for n in names if n in current}
@@ -270,7 +278,7 @@ class RedisState(StateStore):
         return None if out is None else (int(out[0]), bytes(out[1]))
 
     def versions(self, name: str) -> list[RegistryEntry]:
-        raw: list[bytes] = self._call("versions", lambda: self.client.hvals(self.keys.registry_meta(name)), [])
+        raw: list[Reply] = self._call("versions", lambda: self.client.hvals(self.keys.registry_meta(name)), [])
         return sorted((RegistryEntry.model_validate_json(b) for b in raw), key=lambda e: e.version)
 
     def rollback(self, name: str, version: int) -> None:
@@ -355,8 +363,8 @@ class RedisState(StateStore):
         self._call("put_routing", lambda: self.client.hset(self.keys.routing, snapshot.tier, body), None)
 
     def get_routing(self) -> dict[str, RoutingSnapshot]:
-        raw: dict[bytes, bytes] = self._call("get_routing", lambda: self.client.hgetall(self.keys.routing), {})
-        return {k.decode(): RoutingSnapshot.model_validate_json(v) for k, v in raw.items()}
+        raw: dict[Reply, Reply] = self._call("get_routing", lambda: self.client.hgetall(self.keys.routing), {})
+        return {_text(k): RoutingSnapshot.model_validate_json(v) for k, v in raw.items()}
 
     # ------------------------------------------------------------------ idempotency
 
@@ -379,7 +387,7 @@ class RedisState(StateStore):
         if not ids:
             return []
         full = [self.keys.event + i for i in ids]
-        missing: list[bytes | None] = [None] * len(ids)
+        missing: list[Reply | None] = [None] * len(ids)
         return _marks(self._call("seen", lambda: self.client.mget(full), missing))
 
     # ------------------------------------------------------------------ lifecycle
