@@ -6,6 +6,7 @@ error out loudly instead of being skipped.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import redis
 
 from devtools.services import BrokerHandle, RedisHandle, ensure_redis, start_redis, start_tansu
 
-# db 15 keeps test keys away from a developer's data in db 0 of a shared local Redis.
-TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+# db 15 keeps test keys away from a developer's data in db 0 of a shared local Redis; test
+# sessions run side by side on one machine each set their own db (the fixture flushes it).
+TEST_REDIS_URL = os.environ.get("CASCADE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 @pytest.fixture(scope="session")
