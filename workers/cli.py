@@ -43,8 +43,33 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preflight(config: CascadeConfig, fatal: bool) -> bool:
+    """The connection part of ``cascade check``: logged; with ``fatal`` a failure stops the command.
+    Workers only log it: an outage at start is waited out like any other."""
+    from workers.check import check_connections
+
+    failed = [c for c in check_connections(config) if not c.ok]
+    for c in failed:
+        (log.error if fatal else log.warning)("preflight_failed", check=c.name, detail=c.detail)
+    return not failed
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from workers.check import print_report, run_check
+
+    config = _config(args)
+    report = run_check(config, data=args.data, samples=args.samples, max_unmapped=args.max_unmapped,
+                       llm=not args.no_llm)
+    if args.json:
+        sys.stdout.write(report.model_dump_json() + "\n")
+    else:
+        print_report(report)
+    return 0 if report.ok else 1
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     config = _config(args)
+    _preflight(config, fatal=False)
     if args.tier == "llm":
         from workers.llm_worker import LLMWorker
 
@@ -60,6 +85,7 @@ def cmd_learner(args: argparse.Namespace) -> int:
     from workers.learner_worker import LearnerWorker
 
     config = _config(args)
+    _preflight(config, fatal=False)
     LearnerWorker(config, metrics_port=args.metrics_port, publish_every=args.publish_every,
                   publish_interval_s=args.publish_interval).run()
     return 0
@@ -94,6 +120,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             "redis": config.redis.model_copy(update={"key_prefix": f"{config.redis.key_prefix}{run_id}:"}),
         })
         log.info("run", run_id=run_id, topic_prefix=config.kafka.topic_prefix)
+    if not _preflight(config, fatal=True):
+        print("cascade run: Kafka or Redis is not reachable (see the log; `cascade check` tells more)", file=sys.stderr)
+        return 1
     report, _ = run_pipeline(config, rows, args.run_dir, args.base_port, args.timeout, progress=not args.quiet,
                              rate=args.rate or None)
     if report is not None:
@@ -248,6 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     lw.add_argument("--publish-every", type=int, default=200, help="demonstrations between snapshots")
     lw.add_argument("--publish-interval", type=float, default=5.0, help="seconds between snapshots")
     lw.set_defaults(func=cmd_learner)
+
+    c = sub.add_parser("check", help="preflight: Kafka, Redis and the LLM's answers on sample events, before paying")
+    c.add_argument("--data", type=Path, default=None, help="sample events from this file (default: the input topics)")
+    c.add_argument("--samples", type=int, default=20, help="sample events asked of the LLM")
+    c.add_argument("--max-unmapped", type=float, default=0.2, help="fail above this share of answers naming no label")
+    c.add_argument("--no-llm", action="store_true", help="connections only")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_check)
 
     r = sub.add_parser("run", help="the whole pipeline on one machine (all workers as processes)")
     r.add_argument("--data", type=Path, default=None, help="feed this recorded file and report when all is answered")
