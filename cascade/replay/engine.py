@@ -52,10 +52,12 @@ class PointResult(BaseModel):
 
 
 def replay_config(config: CascadeConfig) -> CascadeConfig:
-    """The config a replay runs with: recorded answers only, nothing shared."""
+    """The config a replay runs with: recorded answers only, nothing shared, and no contract (each
+    sweep point is a fixed setting; a contract would move it, and its audits would add LLM calls)."""
     return config.model_copy(update={
         "llm": config.llm.model_copy(update={"backend": "recorded", "recorded_path": None}),
         "state": config.state.model_copy(update={"backend": "memory"}),
+        "contract": config.contract.model_copy(update={"min_agreement": None, "max_llm_fraction": None}),
     })
 
 

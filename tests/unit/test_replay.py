@@ -13,7 +13,7 @@ from cascade.config import CascadeConfig, ConfigError, LLMConfig, load_config
 from cascade.messages import Event, LiveParams
 from cascade.replay.analysis import Target, TargetError, mark_pareto, parse_target, quality_metric, recommend
 from cascade.replay.command import Loaded, event_rate, replay
-from cascade.replay.engine import PointResult, run_sweep
+from cascade.replay.engine import PointResult, replay_config, run_sweep
 from cascade.replay.join import MISSING, JoinedAnswers, RecordedEvent, join_answers
 from cascade.replay.sweep import SweepError, parse_sweep, parse_values
 from cascade.routing.cascade import Cascade
@@ -273,3 +273,13 @@ def test_warm_start_replays_from_the_given_snapshots():
     assert cold.llm_call_fraction > 0.25  # the first 50 events are warm-up
     assert warm.llm_call_fraction < cold.llm_call_fraction - 0.1
     assert warm.agreement_with_llm > 0.9
+
+
+def test_a_replay_runs_its_settings_without_the_default_contract() -> None:
+    # The default config holds a contract (min_agreement 0.95); replayed, it would move every
+    # sweep point's mu and add audit calls, so the sweep's curve would not be the settings'.
+    config = CascadeConfig()
+    assert config.contract_on
+    replayed = replay_config(config)
+    assert not replayed.contract_on
+    assert replayed.contract.audit_rate == config.contract.audit_rate  # untouched, merely unused
