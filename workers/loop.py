@@ -236,6 +236,7 @@ class Worker:
         gc.set_threshold(_YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
         log.info("started", role=self.role, group=self.group, topics=self.input_topics, metrics_port=self.health.port)
         last_work = time.monotonic()
+        assignment: set[TopicPartition] = set()
         # Restored on return: a worker run inside another program (a test, a benchmark) must not
         # leave it deaf to SIGTERM, nor processes it forks later (multiprocessing pools).
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -250,7 +251,14 @@ class Worker:
                 elif consumer.paused():
                     consumer.resume(*consumer.paused())
                 records = poll_records(consumer, timeout_ms=500)
-                if consumer.assignment():
+                if consumer.assignment() != assignment:
+                    # An idle window counts from the last rebalance: a pattern subscription joins
+                    # twice (its topics come from a metadata refresh) and a slow join must not
+                    # use up the window before the partitions arrive.
+                    assignment = set(consumer.assignment())
+                    last_work = time.monotonic()
+                    log.info("assigned", role=self.role, partitions=len(assignment))
+                if assignment:
                     self.health.ready = True
                 if not records:
                     flow.finish()
