@@ -21,6 +21,7 @@ from devtools.services import (
     redis_ping,
     start_tansu,
 )
+from tests.conftest import TEST_REDIS_URL
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +45,9 @@ def test_start_redis_stop_and_restart_on_same_port(private_redis: RedisHandle) -
 
 
 def test_redis_fixture_url_answers(redis_url: str) -> None:
-    assert redis_url.endswith("/15") and redis_ping(redis_url)
+    # The session's own db (conftest: db 15 unless CASCADE_TEST_REDIS_URL picks another).
+    assert redis_url.rsplit("/", 1)[1] == TEST_REDIS_URL.rsplit("/", 1)[1]
+    assert redis_ping(redis_url)
 
 
 def test_start_tansu_answers_metadata(tmp_path: Path) -> None:
