@@ -166,3 +166,33 @@ def test_a_learner_started_while_redis_is_away_waits_and_resumes(kafka_bootstrap
     assert after.version > before.version and after.epoch == before.epoch
     print(f"\nFAULT learner-started-while-redis-away: demonstrations=900 learned={after_tier} "
           f"duplicates={after_tier - 900} version {before.version} -> {after.version}")
+
+
+def test_a_running_learner_outlives_redis_restarting_empty_and_never_steps_down(kafka_bootstrap,
+                                                                              private_redis: RedisHandle, tmp_path):
+    config = learner_config(kafka_bootstrap, private_redis.url)
+    produce_demonstrations(config, 0, 600)
+    learner = start_learner(config, tmp_path, "learner.log")
+    try:
+        wait_for(lambda: learned(config, 600), 120, "the first 600 demonstrations")
+        before, _ = current_set(config)
+        assert before is not None
+        private_redis.stop()  # persistence off: it comes back empty
+        produce_demonstrations(config, 600, 300)
+        time.sleep(5)  # learning on, every publish failing
+        assert learner.poll() is None
+        private_redis.restart()
+        wait_for(lambda: learned(config, 900), 120, "all 900 demonstrations on the emptied registry")
+        assert learner.poll() is None
+        assert stop(learner) == 0
+    finally:
+        stop(learner)
+    after, after_tier = current_set(config)
+    assert after is not None and after.step is not None
+    # Republished whole (not only what came after the restart), above every version served before.
+    assert after.step.demonstrations == after_tier == 900
+    assert after.version > before.version
+    text = (tmp_path / "learner.log").read_text()
+    assert "publish_deferred" in text and "registry_emptied_republishing" in text
+    print(f"\nFAULT redis-restarted-empty-under-learner: demonstrations=900 learned={after_tier} "
+          f"duplicates={after_tier - 900} version {before.version} -> {after.version}")
