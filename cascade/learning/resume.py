@@ -15,6 +15,7 @@ failure and the caller tries again at its next publish point (and commits nothin
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Sequence
 
 from cascade.learning.learner import Learner
@@ -78,6 +79,9 @@ class SetPublisher:
         self.version = 0
         self.highest = 0  # the highest version seen: a registry that lost its data is published above it
         self.stale = 0  # times the registry had moved on
+        # Names this process's sets: a publish that timed out on the client but was applied is
+        # then recognised as its own, and the models (which learned more since) are kept.
+        self.token = uuid.uuid4().hex
 
     def load(self) -> LoadedSet:
         """Restore every model from the current set and continue from its step.
@@ -102,31 +106,40 @@ class SetPublisher:
     def publish(self) -> RegistrySet | None:
         """Publish every model with the current step as one set; None when not published."""
         blobs = {name: model.snapshot() for name, model in self.models.items()}
+        step = self.progress.step(self.learner.demonstrations)
         try:
-            published = self.registry.publish_set(blobs, self.progress.step(self.learner.demonstrations), base_epoch=self.epoch,
-                                                  base_version=self.version, min_version=self.highest + 1)
-        except StaleVersion as e:
-            self.stale += 1
-            self._reload(e)
-            return None
-        except StateUnavailable as e:
+            for _ in range(2):  # a second try only on top of this process's own late-applied publish
+                try:
+                    published = self.registry.publish_set(blobs, step, base_epoch=self.epoch, base_version=self.version,
+                                                          min_version=self.highest + 1, publisher=self.token)
+                except StaleVersion as e:
+                    if self._reload(e):
+                        continue
+                    self.stale += 1
+                    return None
+                self.epoch, self.version = published.epoch, published.version
+                self.highest = max(self.highest, published.version)
+                return published
+        except StateUnavailable as e:  # publishing or reloading: the next publish point tries again
             log.warning("publish_deferred", error=str(e), demonstrations=self.learner.demonstrations)
-            return None
-        self.epoch, self.version = published.epoch, published.version
-        self.highest = max(self.highest, published.version)
-        return published
+        return None
 
-    def _reload(self, stale: StaleVersion) -> None:
-        try:
-            loaded = self.registry.load_set(self.models)
-        except StateUnavailable as e:
-            log.warning("reload_deferred", error=str(e))  # the next publish is stale again and retries this
-            return
+    def _reload(self, stale: StaleVersion) -> bool:
+        """Continue from the registry's current set; True when that set is this process's own
+        publish (one that timed out on the client but was applied): the models are kept, since
+        they include it and more, and the publish is retried on top of it."""
+        loaded = self.registry.load_set(self.models)
+        if loaded.set is not None and loaded.set.publisher == self.token and loaded.epoch == self.epoch:
+            log.warning("own_publish_applied_late", version=loaded.version, based_on=self.version)
+            self.version = loaded.version
+            self.highest = max(self.highest, loaded.version)
+            return True
         if loaded.set is None and not loaded.models:
             # The registry lost its data (Redis restarted empty): these models are the newest there
             # are. Publish them on the empty registry, above every version watchers have seen.
             log.warning("registry_emptied_republishing", based_on=self.version, highest=self.highest)
             self.epoch, self.version = loaded.epoch, loaded.version
-            return
+            return False
         log.warning("registry_moved_on_reloading", based_on=self.version, epoch=stale.epoch, version=stale.version)
         self._take(loaded)
+        return False

@@ -221,14 +221,15 @@ class StateStore(ABC):
     @abstractmethod
     def publish_set(
         self, models: Mapping[str, bytes], step: LearnerStep | None, *, base_epoch: int, base_version: int,
-        min_version: int = 0,
+        min_version: int = 0, publisher: str | None = None,
     ) -> RegistrySet:
         """Publish every model under one new version, atomically, with the learner's step.
 
         The version is the pipeline's counter plus one (never below ``min_version`` nor any
         current version). Raises :class:`StaleVersion` unless the current set is
         ``base_version`` in ``base_epoch`` (a fresh registry: 0 and 0): a publisher never
-        overwrites a set it has not seen.
+        overwrites a set it has not seen. ``publisher`` names who published the set, so a
+        publisher can recognise its own publish that timed out on the client but was applied.
         """
 
     @abstractmethod

@@ -80,7 +80,7 @@ class ModelRegistry(Protocol):
 
     def publish_set(
         self, models: Mapping[str, bytes], step: LearnerStep | None, *, base_epoch: int, base_version: int,
-        min_version: int = 0,
+        min_version: int = 0, publisher: str | None = None,
     ) -> RegistrySet: ...
 
     def load_set(self, names: Iterable[str]) -> LoadedSet: ...

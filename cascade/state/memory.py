@@ -184,7 +184,7 @@ class MemoryState(StateStore):
 
     def publish_set(
         self, models: Mapping[str, bytes], step: LearnerStep | None, *, base_epoch: int, base_version: int,
-        min_version: int = 0,
+        min_version: int = 0, publisher: str | None = None,
     ) -> RegistrySet:
         """``lua.PUBLISH_SET``'s logic under the lock."""
         with self._lock:
@@ -194,7 +194,8 @@ class MemoryState(StateStore):
             self._counter = version = max(self._counter + 1, floor)
             for name, blob in models.items():
                 self._store(name, version, bytes(blob))
-            published = RegistrySet(version=version, epoch=self._epoch, names=list(models), step=step)
+            published = RegistrySet(version=version, epoch=self._epoch, names=list(models), step=step,
+                                    publisher=publisher)
             self._sets[version] = published
             for old in sorted(self._sets)[: max(0, len(self._sets) - self.state_config.registry_keep)]:
                 if old != version:

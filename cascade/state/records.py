@@ -88,6 +88,7 @@ class RegistrySet(Record):
     epoch: int = Field(ge=0)
     names: list[str]
     step: LearnerStep | None = None
+    publisher: str | None = None  # who published it (a learner process's token)
     published_at: float = Field(default_factory=time.time)
 
 

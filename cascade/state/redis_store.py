@@ -285,10 +285,10 @@ class RedisState(StateStore):
 
     def publish_set(
         self, models: Mapping[str, bytes], step: LearnerStep | None, *, base_epoch: int, base_version: int,
-        min_version: int = 0,
+        min_version: int = 0, publisher: str | None = None,
     ) -> RegistrySet:
         k = self.keys
-        draft = RegistrySet(version=0, epoch=base_epoch, names=list(models), step=step)
+        draft = RegistrySet(version=0, epoch=base_epoch, names=list(models), step=step, publisher=publisher)
         args: list[Reply | int] = [base_epoch, base_version, min_version, self.state_config.registry_keep,
                                    k.registry_channel, draft.model_dump_json(exclude={"version"}), k.registry, len(models)]
         for name, blob in models.items():

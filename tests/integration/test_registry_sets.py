@@ -49,6 +49,9 @@ def test_a_set_is_published_and_loaded_together_with_its_step(make_store: StoreF
     assert [(x.version, x.step.demonstrations if x.step else None) for x in s.registry_sets()] == [(1, 17), (2, 21)]
     assert [e.version for e in s.versions(TIER)] == [1, 2] and s.versions(TIER)[1].size == len(b"tier-b")
     assert s.registry_head() == (0, {TIER: 2, POLICY: 2})
+    s.publish_set({TIER: b"t3", POLICY: b"p3"}, None, base_epoch=0, base_version=2, publisher="learner-a")
+    third = s.load_set([]).set
+    assert third is not None and (third.version, third.publisher, third.step) == (3, "learner-a", None)
 
 
 def test_a_stale_publisher_is_refused_and_writes_nothing(make_store: StoreFactory) -> None:

@@ -156,3 +156,24 @@ def test_an_unreachable_registry_raises_on_load_and_defers_publish() -> None:
         assert learning.publisher.stale == 0
     finally:
         store.close()
+
+
+def test_a_publish_that_timed_out_but_was_applied_is_taken_as_its_own() -> None:
+    registry = MemoryState()
+    demos = stream(60)
+    learning = Learning(registry)
+    learning.consume(demos[:30])
+    # The client gave up waiting while the server applied it: the publisher still believes set 0.
+    late = registry.publish_set({n: m.snapshot() for n, m in learning.publisher.models.items()},
+                                learning.progress.step(30), base_epoch=0, base_version=0,
+                                publisher=learning.publisher.token)
+    learning.consume(demos[30:])
+    published = learning.publisher.publish()  # stale, but on its own set: kept its models, published on top
+    assert published is not None and published.version == late.version + 1 and learning.publisher.stale == 0
+    assert published.step is not None and published.step.demonstrations == 60
+    assert learning.stages[0].tier.version == 60  # nothing learned since the late publish was dropped
+    # Another process's set is not taken for its own: that one is reloaded.
+    other = Learning(registry)
+    other.consume(demos[:10])
+    assert other.publisher.publish() is None and other.publisher.stale == 1
+    assert other.stages[0].tier.version == 60
