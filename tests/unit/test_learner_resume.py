@@ -177,3 +177,25 @@ def test_a_publish_that_timed_out_but_was_applied_is_taken_as_its_own() -> None:
     other.consume(demos[:10])
     assert other.publisher.publish() is None and other.publisher.stale == 1
     assert other.stages[0].tier.version == 60
+
+
+def test_a_serving_stage_never_swaps_down_unless_an_operator_rolls_back() -> None:
+    from cascade.learning.registry import ModelFollower
+
+    registry = MemoryState()
+    demos = stream(60)
+    learning = Learning(registry)
+    for chunk in (demos[:30], demos[30:]):
+        learning.consume(chunk)
+        assert learning.publisher.publish() is not None
+    serving = build_stages(config())[0]
+    swaps: list[tuple[str, int]] = []
+    follower = ModelFollower(registry, registry, serving, every_s=0.0, on_swap=lambda n, v: swaps.append((n, v)))
+    assert serving.tier.version == 60  # loaded set 2 on start
+    untrained = build_stages(config())[0]
+    registry.publish("tier:logistic", 0, untrained.tier.snapshot())  # a stale writer's lower version
+    follower.poll()
+    assert serving.tier.version == 60 and swaps == []
+    registry.rollback_set(1)
+    follower.poll()
+    assert serving.tier.version == 30 and sorted(swaps) == [("policy:logistic", 1), ("tier:logistic", 1)]
