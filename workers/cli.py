@@ -334,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", action="store_true", help="print one JSON report on stdout")
     rp.add_argument("--quiet", action="store_true", help="no progress on stderr")
     rp.set_defaults(func=cmd_replay)
+
+    from workers.admin import add_registry_commands
+
+    add_registry_commands(sub, _config)
     return p
 
 

@@ -7,11 +7,12 @@ The one place that knows the naming, used by tier workers, the learner and repla
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from cascade.logging import get_logger
 from cascade.routing.stage import Stage
+from cascade.state.base import StateUnavailable
 from cascade.state.interfaces import LiveParameters, ModelRegistry
 from cascade.tiers.base import SnapshotError
 
@@ -48,11 +49,35 @@ def _restore(target: _Snapshottable, name: str, version: int, blob: bytes) -> bo
 
 def load_latest(registry: ModelRegistry, stage: Stage) -> dict[str, int]:
     """Restore a stage's tier and policy from their newest registry versions; returns what it loaded."""
+    return _load(registry, _models(stage))[0]
+
+
+def _load(registry: ModelRegistry, models: Mapping[str, _Snapshottable]) -> tuple[dict[str, int], int | None]:
+    """Restore from the current versions, read together; (versions restored, the registry's epoch).
+
+    A serving worker starts with fresh models while the registry is unreachable (nothing, None):
+    its watcher swaps the published ones in when it comes back.
+    """
+    try:
+        loaded = registry.load_set(models)
+    except StateUnavailable:
+        log.warning("registry_unreachable_on_load", models=list(models))
+        return {}, None
+    return restore_loaded(models, loaded.models), loaded.epoch
+
+
+def stages_models(stages: Sequence[Stage]) -> dict[str, _Snapshottable]:
+    """Every model of the stages by registry name: what a learner publishes as one set."""
+    return {name: model for stage in stages for name, model in _models(stage).items()}
+
+
+def restore_loaded(models: Mapping[str, _Snapshottable], found: Mapping[str, tuple[int, bytes]]) -> dict[str, int]:
+    """Restore each model from its loaded snapshot (a blob that fails its checks is refused and
+    the model kept); returns the versions restored."""
     loaded = {}
-    for name, target in _models(stage).items():
-        found = registry.fetch(name)
-        if found is not None and _restore(target, name, *found):
-            loaded[name] = found[0]
+    for name, target in models.items():
+        if name in found and _restore(target, name, *found[name]):
+            loaded[name] = found[name][0]
     return loaded
 
 
@@ -86,7 +111,8 @@ class ModelFollower:
         self.params = params
         self.stage = stage
         self.models = _models(stage)
-        self.watcher = registry.watcher(self.models, poll_interval_s=every_s, known=load_latest(registry, stage))
+        known, epoch = _load(registry, self.models)
+        self.watcher = registry.watcher(self.models, poll_interval_s=every_s, known=known, epoch=epoch)
         self.every_s = every_s
         self.on_swap = on_swap
         self.on_refused = on_refused

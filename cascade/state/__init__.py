@@ -7,7 +7,7 @@ process (the embedded default), ``redis`` for workers that share it.
 from __future__ import annotations
 
 from cascade.config import CascadeConfig
-from cascade.state.base import StateStore, StateUnavailable
+from cascade.state.base import StaleVersion, StateStore, StateUnavailable
 from cascade.state.keys import cache_key, cache_keys, normalize_text
 from cascade.state.memory import MemoryState
 from cascade.state.records import (
@@ -17,7 +17,10 @@ from cascade.state.records import (
     BudgetRequest,
     BudgetTake,
     CachedDecision,
+    LearnerStep,
+    LoadedSet,
     RegistryEntry,
+    RegistrySet,
     cacheable,
     limits_from_config,
 )
@@ -30,9 +33,13 @@ __all__ = [
     "BudgetRequest",
     "BudgetTake",
     "CachedDecision",
+    "LearnerStep",
+    "LoadedSet",
     "MemoryState",
     "ModelWatcher",
     "RegistryEntry",
+    "RegistrySet",
+    "StaleVersion",
     "StateStore",
     "StateUnavailable",
     "cache_key",

@@ -10,22 +10,26 @@ caller can retry.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Self
 
 from cascade.config import BudgetConfig, StateConfig
 from cascade.messages import Decision, LiveParams, RoutingSnapshot
-from cascade.state.keys import NO_MARK
+from cascade.state.keys import EPOCH_FIELD, NO_MARK, SET_FIELD
 from cascade.state.records import (
     BudgetLimit,
     BudgetRequest,
     BudgetTake,
     CachedDecision,
+    LearnerStep,
+    LoadedSet,
     RegistryEntry,
+    RegistrySet,
     cacheable,
     limits_from_config,
 )
@@ -38,6 +42,16 @@ VersionCallback = Callable[[str, int], None]
 
 class StateUnavailable(RuntimeError):
     """The state store cannot be reached (only raised by control-plane writes)."""
+
+
+class StaleVersion(RuntimeError):
+    """A set publish based on a version or epoch that is no longer current: someone published a
+    newer set, or an operator rolled back. Nothing was written; reload and continue from there."""
+
+    def __init__(self, base_epoch: int, base_version: int, epoch: int, version: int) -> None:
+        super().__init__(f"registry moved on: based on epoch {base_epoch} version {base_version}, "
+                         f"current is epoch {epoch} version {version}")
+        self.epoch, self.version = epoch, version
 
 
 class StateStore(ABC):
@@ -189,7 +203,9 @@ class StateStore(ABC):
 
     @abstractmethod
     def rollback(self, name: str, version: int) -> None:
-        """Make a kept older version current again (KeyError when it is not kept); notifies."""
+        """Make a kept older version current again (KeyError when it is not kept); notifies.
+
+        An operator's explicit step down: it bumps the registry's epoch like ``rollback_set``."""
 
     @abstractmethod
     def subscribe(self, callback: VersionCallback) -> Callable[[], None]:
@@ -198,12 +214,48 @@ class StateStore(ABC):
         Notices can be missed (a dropped connection): use ``watcher()`` for a reliable view.
         """
 
+    @abstractmethod
+    def registry_head(self, names: Iterable[str] | None = None) -> tuple[int, dict[str, int]] | None:
+        """(epoch, current version per name) in one read; None while the store is unreachable."""
+
+    @abstractmethod
+    def publish_set(
+        self, models: Mapping[str, bytes], step: LearnerStep | None, *, base_epoch: int, base_version: int,
+        min_version: int = 0, publisher: str | None = None,
+    ) -> RegistrySet:
+        """Publish every model under one new version, atomically, with the learner's step.
+
+        The version is the pipeline's counter plus one (never below ``min_version`` nor any
+        current version). Raises :class:`StaleVersion` unless the current set is
+        ``base_version`` in ``base_epoch`` (a fresh registry: 0 and 0): a publisher never
+        overwrites a set it has not seen. ``publisher`` names who published the set, so a
+        publisher can recognise its own publish that timed out on the client but was applied.
+        """
+
+    @abstractmethod
+    def load_set(self, names: Iterable[str]) -> LoadedSet:
+        """The current epoch, set and the current snapshots of ``names``, read consistently.
+
+        Raises ``StateUnavailable`` when unreachable (a learner must wait, not start afresh).
+        """
+
+    @abstractmethod
+    def registry_sets(self) -> list[RegistrySet]:
+        """The kept sets, oldest first."""
+
+    @abstractmethod
+    def rollback_set(self, version: int | None = None) -> tuple[int, RegistrySet]:
+        """Make a kept set current again (default: the newest kept one before the current) and
+        bump the epoch, so watchers accept the step down and stale publishers fail; returns the
+        new epoch and the set. KeyError when that set (or one of its models) is not kept."""
+
     def watcher(
-        self, names: Iterable[str] | None = None, poll_interval_s: float = 1.0, known: dict[str, int] | None = None
+        self, names: Iterable[str] | None = None, poll_interval_s: float = 1.0, known: dict[str, int] | None = None,
+        epoch: int | None = None,
     ) -> ModelWatcher:
         from cascade.state.watcher import ModelWatcher
 
-        return ModelWatcher(self, names, poll_interval_s=poll_interval_s, known=known)
+        return ModelWatcher(self, names, poll_interval_s=poll_interval_s, known=known, epoch=epoch)
 
     # ------------------------------------------------------------------ live parameters
 
@@ -282,3 +334,26 @@ def registry_entry(name: str, version: int, blob: bytes) -> RegistryEntry:
     return RegistryEntry(
         name=name, version=version, size=len(blob), sha256=hashlib.sha256(blob).hexdigest(), published_at=time.time()
     )
+
+
+def stored_entry(version: int, raw: str | bytes) -> RegistryEntry:
+    """A registry entry as stored: a set publish stores it without the version (its key)."""
+    data = json.loads(raw)
+    data["version"] = version
+    return RegistryEntry.model_validate(data)
+
+
+def stored_set(version: int, raw: str | bytes) -> RegistrySet:
+    """A set as stored under its version (the body carries everything but the version)."""
+    data = json.loads(raw)
+    data["version"] = version
+    return RegistrySet.model_validate(data)
+
+
+def split_head(current: dict[str, int], names: Iterable[str] | None) -> tuple[int, dict[str, int]]:
+    """(epoch, model versions) from the current hash's fields."""
+    epoch = current.pop(EPOCH_FIELD, 0)
+    current.pop(SET_FIELD, None)
+    if names is None:
+        return epoch, current
+    return epoch, {n: current[n] for n in names if n in current}

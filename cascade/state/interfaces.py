@@ -6,11 +6,19 @@ reads the model registry takes a ``ModelRegistry``, one that only takes budget a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from cascade.messages import Decision, LiveParams, RoutingSnapshot
-from cascade.state.records import BudgetLimit, BudgetRequest, BudgetTake, RegistryEntry
+from cascade.state.records import (
+    BudgetLimit,
+    BudgetRequest,
+    BudgetTake,
+    LearnerStep,
+    LoadedSet,
+    RegistryEntry,
+    RegistrySet,
+)
 
 if TYPE_CHECKING:
     from cascade.state.watcher import ModelWatcher
@@ -68,8 +76,22 @@ class ModelRegistry(Protocol):
 
     def subscribe(self, callback: Callable[[str, int], None]) -> Callable[[], None]: ...
 
+    def registry_head(self, names: Iterable[str] | None = None) -> tuple[int, dict[str, int]] | None: ...
+
+    def publish_set(
+        self, models: Mapping[str, bytes], step: LearnerStep | None, *, base_epoch: int, base_version: int,
+        min_version: int = 0, publisher: str | None = None,
+    ) -> RegistrySet: ...
+
+    def load_set(self, names: Iterable[str]) -> LoadedSet: ...
+
+    def registry_sets(self) -> list[RegistrySet]: ...
+
+    def rollback_set(self, version: int | None = None) -> tuple[int, RegistrySet]: ...
+
     def watcher(
-        self, names: Iterable[str] | None = None, poll_interval_s: float = 1.0, known: dict[str, int] | None = None
+        self, names: Iterable[str] | None = None, poll_interval_s: float = 1.0, known: dict[str, int] | None = None,
+        epoch: int | None = None,
     ) -> ModelWatcher: ...
 
 

@@ -43,6 +43,11 @@ def text_mark(text: str) -> str:
 NO_MARK = "1"
 
 
+# Fields of the registry's current hash that are not model names (no registry name starts with '@').
+EPOCH_FIELD = "@epoch"
+SET_FIELD = "@set"
+
+
 class KeySpace:
     """Every key the state layer uses, under one prefix: ``redis.key_prefix``, then the pipeline's
     name (``pipeline``), so that pipelines sharing a Redis share nothing. Budgets are the
@@ -60,6 +65,9 @@ class KeySpace:
         self.routing = prefix + "routing"  # hash tier -> RoutingSnapshot JSON
         self.registry_current = prefix + "reg:current"  # hash name -> current version: one poll reads all
         self.registry_channel = prefix + "reg:events"
+        self.registry = prefix + "reg:"  # what the Lua scripts append '<name>:versions' etc. to
+        self.registry_counter = prefix + "reg:counter"  # the set versions: only grows
+        self.registry_sets = prefix + "reg:sets"  # hash version -> RegistrySet JSON ('<this>:order': zset)
 
     def registry_versions(self, name: str) -> str:
         return f"{self.prefix}reg:{name}:versions"

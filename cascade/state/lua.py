@@ -92,11 +92,133 @@ return 1
 """
 
 # Make a kept version current again. KEYS: current hash, versions zset. ARGV: name, version, channel.
+# An operator's step down: the epoch grows, so watchers accept the lower version.
 ROLLBACK = """
 if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[1], '@epoch', 1)
 redis.call('PUBLISH', ARGV[3], cjson.encode({name = ARGV[1], version = tonumber(ARGV[2])}))
 return 1
+"""
+
+# The registry's sets. The current hash holds, besides name -> current version, two fields that
+# no model name can take ('@' is not a registry name's first character): '@epoch' (grows with
+# every rollback) and '@set' (the current set's version). One HGETALL gives a watcher both.
+
+# Publish a set: every model of one learner publish under one new version, its learner step
+# with it, all or nothing. Refused (nothing written) unless the current set and epoch are the
+# ones the publisher is based on, so a stale or restarted-from-scratch publisher never
+# overwrites a newer set. The version comes from a counter that only grows, lifted above
+# min_version and every current version (those published before the counter existed, or
+# seen by a publisher before Redis lost its data).
+# KEYS: current hash, version counter, sets hash.
+# ARGV: base epoch, base set version, min version, keep, channel, set body (JSON without the
+#       version), key prefix of the registry ('<prefix>reg:'), n, then n x (name, blob, meta JSON
+#       without the version).
+# Returns {1, epoch, version} or, refused, {0, current epoch, current set version}.
+PUBLISH_SET = """
+local cur, counter, sets = KEYS[1], KEYS[2], KEYS[3]
+local epoch = tonumber(redis.call('HGET', cur, '@epoch') or '0')
+local head = tonumber(redis.call('HGET', cur, '@set') or '0')
+if epoch ~= tonumber(ARGV[1]) or head ~= tonumber(ARGV[2]) then return {0, epoch, head} end
+local floor = tonumber(ARGV[3])
+local flat = redis.call('HGETALL', cur)
+for i = 1, #flat, 2 do
+  if string.sub(flat[i], 1, 1) ~= '@' then floor = math.max(floor, tonumber(flat[i + 1]) + 1) end
+end
+local v = redis.call('INCR', counter)
+if v < floor then
+  v = floor
+  redis.call('SET', counter, string.format('%d', v))
+end
+local vs = string.format('%d', v)
+local keep, pfx, channel = tonumber(ARGV[4]), ARGV[7], ARGV[5]
+local function trim(zkey, on_drop)
+  local n = redis.call('ZCARD', zkey)
+  if n > keep then
+    for _, old in ipairs(redis.call('ZRANGE', zkey, 0, n - keep - 1)) do
+      if old ~= vs then
+        redis.call('ZREM', zkey, old)
+        on_drop(old)
+      end
+    end
+  end
+end
+local names = {}
+for m = 0, tonumber(ARGV[8]) - 1 do
+  local name, blob, meta = ARGV[9 + 3 * m], ARGV[10 + 3 * m], ARGV[11 + 3 * m]
+  local zkey, mkey, bpfx = pfx .. name .. ':versions', pfx .. name .. ':meta', pfx .. name .. ':blob:'
+  redis.call('SET', bpfx .. vs, blob)
+  redis.call('ZADD', zkey, v, vs)
+  redis.call('HSET', mkey, vs, meta)
+  redis.call('HSET', cur, name, vs)
+  trim(zkey, function(old) redis.call('DEL', bpfx .. old); redis.call('HDEL', mkey, old) end)
+  names[#names + 1] = name
+end
+redis.call('HSET', sets, vs, ARGV[6])
+redis.call('ZADD', sets .. ':order', v, vs)
+trim(sets .. ':order', function(old) redis.call('HDEL', sets, old) end)
+redis.call('HSET', cur, '@set', vs)
+for _, name in ipairs(names) do
+  redis.call('PUBLISH', channel, cjson.encode({name = name, version = v}))
+end
+return {1, epoch, v}
+"""
+
+# Make a kept set current again (ARGV[1] = '': the newest kept set before the current one) and
+# bump the epoch: the operator's explicit step down, which watchers accept and which makes
+# every publisher based on the old epoch fail as stale.
+# KEYS: current hash, sets hash. ARGV: version or '', channel, key prefix of the registry.
+# Returns {1, new epoch, version, set body} or {0, reason}.
+ROLLBACK_SET = """
+local cur, sets = KEYS[1], KEYS[2]
+local head = tonumber(redis.call('HGET', cur, '@set') or '0')
+local target = ARGV[1]
+if target == '' then
+  local best = nil
+  for _, k in ipairs(redis.call('HKEYS', sets)) do
+    local x = tonumber(k)
+    if x < head and (best == nil or x > best) then best = x end
+  end
+  if best == nil then return {0, 'no kept set before the current one'} end
+  target = string.format('%d', best)
+end
+local body = redis.call('HGET', sets, target)
+if not body then return {0, 'set ' .. target .. ' is not kept'} end
+local names = cjson.decode(body)['names']
+for _, name in ipairs(names) do
+  if not redis.call('ZSCORE', ARGV[3] .. name .. ':versions', target) then
+    return {0, name .. ' version ' .. target .. ' is not kept'}
+  end
+end
+for _, name in ipairs(names) do redis.call('HSET', cur, name, target) end
+redis.call('HSET', cur, '@set', target)
+local epoch = redis.call('HINCRBY', cur, '@epoch', 1)
+for _, name in ipairs(names) do
+  redis.call('PUBLISH', ARGV[2], cjson.encode({name = name, version = tonumber(target)}))
+end
+return {1, epoch, target, body}
+"""
+
+# The current epoch, set and the current snapshots of some models, read at one instant.
+# KEYS: current hash, sets hash. ARGV: key prefix of the registry, then the names.
+# Returns {epoch, set version, set body or nil, then per name: version or nil, blob or nil}.
+LOAD_SET = """
+local cur, sets = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', cur, '@epoch') or '0'
+local head = redis.call('HGET', cur, '@set') or '0'
+local body = false
+if head ~= '0' then body = redis.call('HGET', sets, head) end
+local out = {epoch, head, body}
+for i = 2, #ARGV do
+  local name = ARGV[i]
+  local v = redis.call('HGET', cur, name)
+  local blob = false
+  if v then blob = redis.call('GET', ARGV[1] .. name .. ':blob:' .. v) end
+  out[#out + 1] = v
+  out[#out + 1] = blob
+end
+return out
 """
 
 # (version, bytes) of a version, the current one when ARGV[2] is ''; read together so a

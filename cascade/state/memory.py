@@ -11,14 +11,23 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from cascade.config import BudgetConfig, StateConfig
 from cascade.logging import get_logger
 from cascade.messages import LiveParams, RoutingSnapshot
-from cascade.state.base import StateStore, VersionCallback, registry_entry
-from cascade.state.records import BudgetLimit, BudgetRequest, BudgetTake, CachedDecision, RegistryEntry
+from cascade.state.base import StaleVersion, StateStore, VersionCallback, registry_entry
+from cascade.state.records import (
+    BudgetLimit,
+    BudgetRequest,
+    BudgetTake,
+    CachedDecision,
+    LearnerStep,
+    LoadedSet,
+    RegistryEntry,
+    RegistrySet,
+)
 
 log = get_logger("cascade.state.memory")
 
@@ -82,6 +91,12 @@ class MemoryState(StateStore):
         self._budget = _TTLMap(clock)
         self._blobs: dict[str, dict[int, tuple[bytes, RegistryEntry]]] = {}
         self._current: dict[str, int] = {}
+        # The registry's sets, as in Redis: the epoch (grows with every rollback), the current
+        # set's version, a counter that only grows, and the kept sets.
+        self._epoch = 0
+        self._head = 0
+        self._counter = 0
+        self._sets: dict[int, RegistrySet] = {}
         self._listeners: list[VersionCallback] = []
         self._live_params: LiveParams | None = None
         self._routing: dict[str, RoutingSnapshot] = {}
@@ -139,17 +154,22 @@ class MemoryState(StateStore):
     # ------------------------------------------------------------------ registry
 
     def publish(self, name: str, version: int, blob: bytes) -> RegistryEntry:
-        entry = registry_entry(name, version, bytes(blob))
         with self._lock:
-            kept = self._blobs.setdefault(name, {})
-            kept[version] = (bytes(blob), entry)
-            self._current[name] = version
-            keep = self.state_config.registry_keep
-            for old in sorted(kept)[: max(0, len(kept) - keep)]:
-                if old != version:  # never drop the version just made current
-                    del kept[old]
+            entry = self._store(name, version, bytes(blob))
         log.info("state.registry.published", model=name, version=version, size=entry.size)
         self._notify(name, version)
+        return entry
+
+    def _store(self, name: str, version: int, blob: bytes) -> RegistryEntry:
+        """Keep a snapshot, make it current, drop all but the newest K (lock held)."""
+        entry = registry_entry(name, version, blob)
+        kept = self._blobs.setdefault(name, {})
+        kept[version] = (blob, entry)
+        self._current[name] = version
+        keep = self.state_config.registry_keep
+        for old in sorted(kept)[: max(0, len(kept) - keep)]:
+            if old != version:  # never drop the version just made current
+                del kept[old]
         return entry
 
     def current_versions(self, names: Iterable[str] | None = None) -> dict[str, int]:
@@ -157,6 +177,70 @@ class MemoryState(StateStore):
             if names is None:
                 return dict(self._current)
             return {n: self._current[n] for n in names if n in self._current}
+
+    def registry_head(self, names: Iterable[str] | None = None) -> tuple[int, dict[str, int]]:
+        with self._lock:
+            return self._epoch, self.current_versions(names)
+
+    def publish_set(
+        self, models: Mapping[str, bytes], step: LearnerStep | None, *, base_epoch: int, base_version: int,
+        min_version: int = 0, publisher: str | None = None,
+    ) -> RegistrySet:
+        """``lua.PUBLISH_SET``'s logic under the lock."""
+        with self._lock:
+            if (self._epoch, self._head) != (base_epoch, base_version):
+                raise StaleVersion(base_epoch, base_version, self._epoch, self._head)
+            floor = max([min_version, *(v + 1 for v in self._current.values())])
+            self._counter = version = max(self._counter + 1, floor)
+            for name, blob in models.items():
+                self._store(name, version, bytes(blob))
+            published = RegistrySet(version=version, epoch=self._epoch, names=list(models), step=step,
+                                    publisher=publisher)
+            self._sets[version] = published
+            for old in sorted(self._sets)[: max(0, len(self._sets) - self.state_config.registry_keep)]:
+                if old != version:
+                    del self._sets[old]
+            self._head = version
+        log.info("state.registry.published_set", version=version, epoch=published.epoch, models=list(models))
+        for name in models:
+            self._notify(name, version)
+        return published
+
+    def load_set(self, names: Iterable[str]) -> LoadedSet:
+        with self._lock:
+            found = {}
+            for name in names:
+                item = self.fetch(name)
+                if item is not None:
+                    found[name] = item
+            return LoadedSet(self._epoch, self._head, self._sets.get(self._head), found)
+
+    def registry_sets(self) -> list[RegistrySet]:
+        with self._lock:
+            return [self._sets[v] for v in sorted(self._sets)]
+
+    def rollback_set(self, version: int | None = None) -> tuple[int, RegistrySet]:
+        with self._lock:
+            if version is None:
+                older = [v for v in self._sets if v < self._head]
+                if not older:
+                    raise KeyError("no kept set before the current one")
+                version = max(older)
+            target = self._sets.get(version)
+            if target is None:
+                raise KeyError(f"set {version} is not kept")
+            for name in target.names:
+                if version not in self._blobs.get(name, {}):
+                    raise KeyError(f"{name} version {version} is not kept")
+            for name in target.names:
+                self._current[name] = version
+            self._head = version
+            self._epoch += 1
+            epoch = self._epoch
+        log.warning("state.registry.rolled_back", version=version, epoch=epoch)
+        for name in target.names:
+            self._notify(name, version)
+        return epoch, target
 
     def fetch(self, name: str, version: int | None = None) -> tuple[int, bytes] | None:
         with self._lock:
@@ -174,6 +258,7 @@ class MemoryState(StateStore):
             if version not in self._blobs.get(name, {}):
                 raise KeyError(f"{name} version {version} is not kept")
             self._current[name] = version
+            self._epoch += 1  # an operator's step down, as in Redis
         log.info("state.registry.rollback", model=name, version=version)
         self._notify(name, version)
 

@@ -67,6 +67,40 @@ class RegistryEntry(Record):
     published_at: float = Field(default_factory=time.time)
 
 
+class LearnerStep(Record):
+    """Where the learner stood in the demonstrations topic when it took a snapshot: per partition,
+    the next offset to learn. Stored with the snapshot set, so a restarted learner resumes exactly
+    after what the published models include, whatever the Kafka commit says."""
+
+    topic: str
+    offsets: dict[int, int] = Field(default_factory=dict)  # partition -> next offset to learn
+    demonstrations: int = Field(default=0, ge=0)  # learned into this line of snapshots, in total
+
+
+class RegistrySet(Record):
+    """One published set: every model of a publish (tiers and policies) under one version.
+
+    Versions come from a per-pipeline counter that only grows; ``epoch`` grows with every
+    operator rollback, the one way the current version may go down.
+    """
+
+    version: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    names: list[str]
+    step: LearnerStep | None = None
+    publisher: str | None = None  # who published it (a learner process's token)
+    published_at: float = Field(default_factory=time.time)
+
+
+class LoadedSet(NamedTuple):
+    """The registry's current set as read in one consistent step (``load_set``)."""
+
+    epoch: int
+    version: int  # 0 when nothing was published as a set
+    set: RegistrySet | None
+    models: dict[str, tuple[int, bytes]]  # name -> (version, bytes) of each asked-for name found
+
+
 class BudgetLimit(Record):
     """One fixed window: at most ``limit`` of ``metric`` per ``seconds`` (windows align to the epoch)."""
 

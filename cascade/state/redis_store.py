@@ -11,7 +11,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -24,7 +24,16 @@ from cascade.logging import get_logger
 from cascade.messages import LiveParams, RoutingSnapshot
 from cascade.security import redis_client_kwargs
 from cascade.state import lua
-from cascade.state.base import StateStore, StateUnavailable, VersionCallback, registry_entry
+from cascade.state.base import (
+    StaleVersion,
+    StateStore,
+    StateUnavailable,
+    VersionCallback,
+    registry_entry,
+    split_head,
+    stored_entry,
+    stored_set,
+)
 from cascade.state.keys import KeySpace
 from cascade.state.records import (
     UNREACHABLE,
@@ -33,7 +42,10 @@ from cascade.state.records import (
     BudgetRequest,
     BudgetTake,
     CachedDecision,
+    LearnerStep,
+    LoadedSet,
     RegistryEntry,
+    RegistrySet,
 )
 
 log = get_logger("cascade.state.redis")
@@ -136,6 +148,9 @@ class RedisState(StateStore):
         self._rollback_script = self.client.register_script(lua.ROLLBACK)
         self._fetch_script = self.client.register_script(lua.FETCH)
         self._claim_script = self.client.register_script(lua.CLAIM)
+        self._publish_set_script = self.client.register_script(lua.PUBLISH_SET)
+        self._rollback_set_script = self.client.register_script(lua.ROLLBACK_SET)
+        self._load_set_script = self.client.register_script(lua.LOAD_SET)
         self._backoff = _Backoff(backoff_base_s, backoff_cap_s)
         self._listeners: list[VersionCallback] = []
         self._sub_lock = threading.Lock()
@@ -259,13 +274,60 @@ class RedisState(StateStore):
         return entry
 
     def current_versions(self, names: Iterable[str] | None = None) -> dict[str, int]:
-        raw: dict[Reply, Reply] = self._call(
-            "current_versions", lambda: self.client.hgetall(self.keys.registry_current), {}
+        head = self.registry_head(names)
+        return {} if head is None else head[1]
+
+    def registry_head(self, names: Iterable[str] | None = None) -> tuple[int, dict[str, int]] | None:
+        raw: dict[Reply, Reply] | None = self._call(
+            "current_versions", lambda: self.client.hgetall(self.keys.registry_current), None
         )
-        current = {_text(n): int(v) for n, v in raw.items()}
-        if names is None:
-            return current
-        return {n: current[n] for n in names if n in current}
+        return None if raw is None else split_head({_text(n): int(v) for n, v in raw.items()}, names)
+
+    def publish_set(
+        self, models: Mapping[str, bytes], step: LearnerStep | None, *, base_epoch: int, base_version: int,
+        min_version: int = 0, publisher: str | None = None,
+    ) -> RegistrySet:
+        k = self.keys
+        draft = RegistrySet(version=0, epoch=base_epoch, names=list(models), step=step, publisher=publisher)
+        args: list[Reply | int] = [base_epoch, base_version, min_version, self.state_config.registry_keep,
+                                   k.registry_channel, draft.model_dump_json(exclude={"version"}), k.registry, len(models)]
+        for name, blob in models.items():
+            entry = registry_entry(name, 0, blob)
+            args += [name, blob, entry.model_dump_json(exclude={"version"})]
+        keys = [k.registry_current, k.registry_counter, k.registry_sets]
+        ok, epoch, version = self._call("publish", lambda: self._publish_set_script(keys=keys, args=args), _RAISE)
+        if not ok:
+            raise StaleVersion(base_epoch, base_version, int(epoch), int(version))
+        log.info("state.registry.published_set", version=int(version), epoch=int(epoch), models=list(models))
+        return draft.model_copy(update={"version": int(version)})
+
+    def load_set(self, names: Iterable[str]) -> LoadedSet:
+        names = list(names)
+        k = self.keys
+        out = self._call("load_set", lambda: self._load_set_script(keys=[k.registry_current, k.registry_sets],
+                                                                   args=[k.registry, *names]), _RAISE)
+        epoch, version, body = int(out[0]), int(out[1]), out[2]
+        found = {}
+        for i, name in enumerate(names):
+            v, blob = out[3 + 2 * i], out[4 + 2 * i]
+            if v is not None and blob is not None:
+                found[name] = (int(v), bytes(blob))
+        return LoadedSet(epoch, version, None if body is None else stored_set(version, body), found)
+
+    def registry_sets(self) -> list[RegistrySet]:
+        raw: dict[Reply, Reply] = self._call("registry_sets", lambda: self.client.hgetall(self.keys.registry_sets), _RAISE)
+        return sorted((stored_set(int(v), b) for v, b in raw.items()), key=lambda s: s.version)
+
+    def rollback_set(self, version: int | None = None) -> tuple[int, RegistrySet]:
+        k = self.keys
+        keys = [k.registry_current, k.registry_sets]
+        args = ["" if version is None else str(version), k.registry_channel, k.registry]
+        out = self._call("rollback", lambda: self._rollback_set_script(keys=keys, args=args), _RAISE)
+        if not out[0]:
+            raise KeyError(_text(out[1]))
+        epoch, target = int(out[1]), int(out[2])
+        log.warning("state.registry.rolled_back", version=target, epoch=epoch)
+        return epoch, stored_set(target, out[3])
 
     def latest_version(self, name: str) -> int | None:
         v = self._call("latest_version", lambda: self.client.hget(self.keys.registry_current, name), None)
@@ -278,8 +340,8 @@ class RedisState(StateStore):
         return None if out is None else (int(out[0]), bytes(out[1]))
 
     def versions(self, name: str) -> list[RegistryEntry]:
-        raw: list[Reply] = self._call("versions", lambda: self.client.hvals(self.keys.registry_meta(name)), [])
-        return sorted((RegistryEntry.model_validate_json(b) for b in raw), key=lambda e: e.version)
+        raw: dict[Reply, Reply] = self._call("versions", lambda: self.client.hgetall(self.keys.registry_meta(name)), {})
+        return sorted((stored_entry(int(v), b) for v, b in raw.items()), key=lambda e: e.version)
 
     def rollback(self, name: str, version: int) -> None:
         k = self.keys

@@ -3,6 +3,10 @@
 Pub/sub notices only wake it; the truth is the registry's current-version key, read at most
 once per ``poll_interval_s`` otherwise. So a worker that missed a notice (reconnecting, not
 yet subscribed) still sees the newest version within one poll interval.
+
+It never steps down: a version lower than the one it reported is ignored unless the
+registry's epoch grew since (an operator's rollback). A stale publisher or a Redis that lost
+its data can therefore not swap the serving workers back to an older model.
 """
 
 from __future__ import annotations
@@ -12,8 +16,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from cascade.logging import get_logger
+
 if TYPE_CHECKING:
     from cascade.state.base import StateStore
+
+
+log = get_logger("cascade.state.watcher")
 
 
 class ModelWatcher:
@@ -24,6 +33,7 @@ class ModelWatcher:
         *,
         poll_interval_s: float = 1.0,
         known: dict[str, int] | None = None,
+        epoch: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
@@ -31,6 +41,8 @@ class ModelWatcher:
         self._poll_interval_s = poll_interval_s
         self._clock = clock
         self._seen: dict[str, int] = dict(known or {})
+        self._epoch = epoch  # None: taken from the first read
+        self._refused: dict[str, int] = {}  # name -> the lower version last refused (logged once)
         self._wake = threading.Event()
         self._wake.set()  # the first call reads the registry
         self._next_poll = 0.0
@@ -50,8 +62,20 @@ class ModelWatcher:
             return {}
         self._wake.clear()  # before reading: a notice arriving during the read wakes the next call
         self._next_poll = now + self._poll_interval_s
-        current = self._store.current_versions(self._names)  # {} while the store is unreachable
-        diff = {n: v for n, v in current.items() if self._seen.get(n) != v}
+        head = self._store.registry_head(self._names)
+        if head is None:  # unreachable
+            return {}
+        epoch, current = head
+        rolled_back = self._epoch is not None and epoch > self._epoch
+        self._epoch = epoch  # also when it went down (an emptied Redis): a later rollback counts from here
+        diff = {}
+        for name, version in current.items():
+            seen = self._seen.get(name)
+            if seen is None or version > seen or (rolled_back and version != seen):
+                diff[name] = version
+            elif version < seen and self._refused.get(name) != version:
+                self._refused[name] = version
+                log.warning("registry_step_down_refused", model=name, version=version, serving=seen, epoch=epoch)
         self._seen.update(diff)
         return diff
 

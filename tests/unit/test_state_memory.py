@@ -193,16 +193,16 @@ def test_watcher_polls_only_when_woken_or_due(clock: Clock) -> None:
     w = s.watcher(poll_interval_s=5.0, known={"b": 9})
     w._clock = clock  # deterministic poll schedule
     reads = []
-    real = s.current_versions
-    s.current_versions = lambda names=None: reads.append(1) or real(names)  # type: ignore[method-assign]
+    real = s.registry_head
+    s.registry_head = lambda names=None: reads.append(1) or real(names)  # type: ignore[method-assign]
     assert w.changed() == {"a": 1}
     assert w.changed() == {} and len(reads) == 1  # not due, not woken: no read at all
     s.publish("b", 10, b"y")  # the notice wakes it
     assert w.changed() == {"b": 10} and len(reads) == 2
-    s._current["a"] = 0  # a change nobody announced ...
+    s._current["a"] = 3  # a change nobody announced ...
     assert w.changed() == {}
     clock.t += 5.0  # ... is found by the next poll
-    assert w.changed() == {"a": 0}
+    assert w.changed() == {"a": 3}
     w.close()
     s.publish("a", 2, b"z")
     assert s._listeners == []
