@@ -30,12 +30,13 @@ from pydantic import ValidationError
 
 from cascade.config import CascadeConfig, ConfigError
 from cascade.evaluation.progress import Progress
-from cascade.messages import Decision, Demonstration
+from cascade.messages import Demonstration
 from cascade.replay.command import Loaded
 from cascade.replay.join import RecordedEvent
 from cascade.security import kafka_client_kwargs
 from cascade.task import InvalidEvent, Task
 from workers.kafka_io import LagProbe, TopicPartition, _forbid_topic_auto_creation
+from workers.output import read_decision
 from workers.topics import Topics
 
 Bound = int | datetime | None
@@ -222,8 +223,8 @@ def load_topic(
 
         def on_decision(rec: ConsumerRecord) -> None:
             try:
-                d = Decision.model_validate_json(rec.value)
-            except ValidationError:
+                d = read_decision(rec.value, config.output)
+            except ValueError:  # pydantic's ValidationError included
                 invalid["invalid_decision"] += 1
                 return
             wanted.add(d.event_id)

@@ -29,6 +29,7 @@ from cascade.security import kafka_client_kwargs, secret_environment
 from cascade.state import make_state
 from cascade.task import Task
 from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
+from workers.output import read_decision
 from workers.topics import Topics
 
 log = get_logger("cascade.run")
@@ -119,7 +120,7 @@ def collect_decisions(config: CascadeConfig, ids: set[str], timeout_s: float, pr
         while time.monotonic() < deadline and not ids.issubset(found):
             for tp_records in consumer.poll(timeout_ms=500).values():
                 for rec in tp_records:
-                    d = Decision.model_validate_json(rec.value)
+                    d = read_decision(rec.value, config.output)
                     found.setdefault(d.event_id, []).append(d)
             bar.update(len(ids & found.keys()))
     finally:
