@@ -11,13 +11,14 @@ from kafka import KafkaConsumer
 
 from cascade.config import KafkaConfig, OutputConfig
 from cascade.learning.registry import model_names
-from cascade.messages import DeadLetter, LiveParams
+from cascade.messages import DeadLetter, Decision, Deferred, LiveParams
 from cascade.routing.cascade import Cascade
 from tests.unit.streams import easy_and_hard
 from tests.unit.test_engine import make_config
 from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
 from workers.llm_worker import LLMWorker
-from workers.output import COLLISION, read_output
+from workers.output import COLLISION, output_record, read_output
+from workers.replay_source import load_topic
 from workers.tier_worker import TierWorker
 from workers.topics import Topics
 
@@ -96,3 +97,33 @@ def test_enriched_records_from_the_first_tier_and_from_the_llm(kafka_bootstrap):
     assert by_tier["logistic"] > 20 and by_tier["llm"] > 20  # both produce sites emitted enriched records
     dead = [DeadLetter.model_validate_json(r.value) for r in read(kafka_bootstrap, topics.deadletter)]
     assert [(d.reason, d.key, d.source_topic) for d in dead] == [(COLLISION, "order-9999", user_topic)]
+
+
+@pytest.mark.parametrize("mode", ["decision", "enriched"])
+def test_replay_finds_the_events_of_a_decisions_range(kafka_bootstrap, mode):
+    """A decisions range replays the events it answered: enriched decisions carry them; decision
+    records are joined with the configured input topic (not {prefix}events, which is not read)."""
+    uid = uuid.uuid4().hex[:8]
+    user_topic = f"user-events-{uid}"
+    ensure_topics(kafka_bootstrap, [user_topic], 1)
+    config = make_config(mu=0.1).model_copy(update={
+        "kafka": KafkaConfig(bootstrap_servers=kafka_bootstrap, topic_prefix=f"t{uid}.", partitions=1, input_topics=[user_topic]),
+        "output": OutputConfig(mode=mode),
+    })
+    topics = Topics(config)
+    ensure_topics(kafka_bootstrap, topics.all(), 1)
+    stream = easy_and_hard(10, seed=33)
+    decided = [Decision(event_id=e.id, label="joy", tier="llm", confidence=1.0, reason="llm") for e, _ in stream[:6]]
+    producer = make_producer(config.kafka)
+    try:
+        # Enriched: the user's topic holds none of the events; the decisions alone must do.
+        produce_and_flush(producer, [OutRecord(user_topic, e.id.encode(), json.dumps(e.payload).encode())
+                                     for e, _ in stream if mode == "decision"]
+                          + [output_record(config.output, topics.decisions, d, Deferred(event=e))
+                             for d, (e, _) in zip(decided, stream)])
+    finally:
+        producer.close()
+    got = load_topic(config, topics.decisions, kind="decisions", gold_field=None, progress=False)
+    assert sorted(r.event.id for r in got.rows) == sorted(d.event_id for d in decided)
+    assert {r.event.id: r.event.text for r in got.rows} == {e.id: e.text for e, _ in stream[:6]}
+    assert got.llm_decisions == {d.event_id: "joy" for d in decided} and not got.invalid.get("event_not_found")
