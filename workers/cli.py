@@ -220,6 +220,12 @@ def _print_report(report: Any) -> None:
         print(f"agreement w/ LLM  {report.agreement_with_llm:.4f}")
     print(f"cache hits        {report.cache_hits}   budget exhausted {report.budget_exhausted}   "
           f"LLM unusable {report.llm_unusable}   explored {report.explored}")
+    unmapped = getattr(report, "llm_unmapped_ratio", None)  # the LLM worker's, from `cascade run`
+    if unmapped is not None:
+        from workers.observability import UNMAPPED_THRESHOLD
+
+        hint = "   <- check task.labels and task.label_aliases" if unmapped > UNMAPPED_THRESHOLD else ""
+        print(f"LLM unmapped      {unmapped:.0%} of the last 100 answers named no label{hint}")
     print(f"macro-F1          {report.macro_f1:.4f}")
     print(f"events/second     {report.events_per_second:,.0f}")
     if report.contract is not None:

@@ -168,7 +168,9 @@ def score(config: CascadeConfig, rows: list[LabelledEvent], decisions: dict[str,
         scorer.add_decision(r.gold, ds[0] if ds else None, task.map_answer(recorded), None)
     metrics = llm_metrics or {}
     scorer.audit_calls = int(metrics.get(("cascade_audit_calls_total", ""), 0))
-    return scorer.report(seconds, {"mu": config.deferral.mu, "llm": config.llm.name}, contract_status(config, metrics))
+    report = scorer.report(seconds, {"mu": config.deferral.mu, "llm": config.llm.name}, contract_status(config, metrics))
+    report.llm_unmapped_ratio = metrics.get(("cascade_llm_unmapped_ratio", ""))
+    return report
 
 
 def run_pipeline(config: CascadeConfig, rows: list[LabelledEvent] | None, run_dir: Path, base_port: int,
