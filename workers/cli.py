@@ -167,11 +167,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raise ConfigError("replay: with --data, --from/--to are row indices") from None
         loaded = load_file(args.data, frm, to, args.shuffle_seed)
     else:
-        from workers.replay_source import load_demonstrations, load_topic_range
+        from workers.replay_source import events_topic, load_demonstrations, load_topic_range
         from workers.topics import Topics
 
         topics = Topics(config)
-        topic = {"events": topics.events, "decisions": topics.decisions}.get(args.topic, args.topic)
+        topic = {"events": events_topic, "decisions": lambda t: t.decisions}.get(args.topic, lambda _: args.topic)(topics)
         loaded = load_topic_range(config, topic, args.from_, args.to, args.gold_field or None, progress)
         demonstrations = lambda ids: load_demonstrations(config, ids, config.llm.name, progress)  # noqa: E731
     report = replay(

@@ -265,6 +265,15 @@ def load_topic(
         return TopicLoad(_order(items), rng, topic, kind, invalid, llm, seconds=time.perf_counter() - started)
 
 
+def events_topic(topics: Topics) -> str:
+    """What ``--topic events`` names: the first tier's one input topic (``{prefix}events`` unless
+    ``kafka.input_topics`` names another); several input topics or a pattern must be named."""
+    if len(topics.inputs) == 1:
+        return topics.inputs[0]
+    given = topics.inputs or [f"pattern {topics.input_pattern!r}"]
+    raise ConfigError(f"replay: the first tier reads {', '.join(given)}; name one topic with --topic")
+
+
 def source_topics(reader: TopicReader, topics: Topics) -> list[str]:
     """The topics the first tier reads: the configured input topics, or those its pattern matches now."""
     if topics.input_pattern is None:
