@@ -133,8 +133,10 @@ class Deferred(Message):
     # demonstration and a measurement, never a second decision.
     audit: bool = False
     tally: ContractTally | None = None  # carried by audits
-    # Set by the first tier only when the output is enriched: the event's key and headers.
-    origin: Origin | None = None
+    # Set by the first tier only when the output is enriched: the event's key and headers. Left out
+    # of the JSON when unset, so workers of the previous release (extra="forbid") still read the
+    # deferrals of a rolling update in the default output mode.
+    origin: Origin | None = Field(None, exclude_if=lambda origin: origin is None)
 
 
 class DeadLetter(Message):

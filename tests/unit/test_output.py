@@ -175,3 +175,11 @@ def test_workers_carry_key_and_headers_from_the_first_tier_to_the_llm_decision()
     finally:
         tier.health.close()
         llm.health.close()
+
+
+def test_a_deferral_without_origin_is_written_as_before():
+    # A rolling update: the previous release's workers forbid unknown fields in a Deferred.
+    d = Deferred(event=Event(id="1", text="t"), first_seen=0.0)
+    assert "origin" not in json.loads(d.model_dump_json()) and "origin" not in d.model_dump()
+    with_origin = d.model_copy(update={"origin": Origin(key=b"k")})
+    assert json.loads(with_origin.model_dump_json())["origin"]["headers"] == []
