@@ -1,6 +1,6 @@
 """Events per second through a tier-1 worker against a pass-through worker on the same broker.
 
-    python bench/worker_throughput.py [--data-dir ../shared/data] [--events 20000] [--rounds 2]
+    python bench/worker_throughput.py [--data-dir ../shared/data] [--events 20000] [--rounds 2] [--enriched]
 
 Both run the same consume → process → produce (acks=all) → commit loop of ``workers/loop.py``
 against a private Tansu broker and the local Redis; the pass-through copies each record to an
@@ -8,12 +8,15 @@ output topic, the tier worker parses, checks idempotency and the decision cache,
 logistic tier and its policy (warm: loaded from the registry, trained on the first 3,000 ISEAR
 events by the in-process cascade) and produces decisions or deferrals. Rounds alternate the two
 so a noisy machine hurts both alike. Target: the tier worker at least 0.5 of pass-through.
+``--enriched`` adds a third worker to every round, the tier worker with ``output.mode: enriched``
+(the events carry two headers), and its ratio to the tier worker of the same round.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 import uuid
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from kafka.consumer.fetcher import ConsumerRecord
 
-from cascade.config import CascadeConfig, load_config
+from cascade.config import CascadeConfig, OutputConfig, load_config
 from cascade.evaluation.data import LabelledEvent, labels_of, read_stream
 from cascade.learning.registry import publish_stage
 from cascade.logging import configure_logging
@@ -96,10 +99,13 @@ class Throughput:
     tier: float
     passthrough_cpu: float
     tier_cpu: float
+    # With --enriched: the median over rounds of (enriched tier worker / tier worker), wall and CPU.
+    enriched_ratio: float | None = None
+    enriched_cpu_ratio: float | None = None
 
 
 def measure(rows: list[LabelledEvent], events: int, rounds: int, idle_s: float = 10.0, warm_events: int = 3000,
-            verbose: bool = True) -> Throughput:
+            verbose: bool = True, enriched: bool = False) -> Throughput:
     """Both workers over the same ``events`` records on a private Tansu, ``rounds`` times each."""
     say = print if verbose else (lambda *_: None)
     broker = start_tansu(None)
@@ -120,22 +126,27 @@ def measure(rows: list[LabelledEvent], events: int, rounds: int, idle_s: float =
         payloads = []
         for i in range(events):
             r = rows[i % len(rows)]
-            payloads.append(OutRecord(topics.events, f"{i}".encode(), json.dumps({**r.event.payload, "id": f"ev{i}"}).encode()))
+            payloads.append(OutRecord(topics.events, f"{i}".encode(), json.dumps({**r.event.payload, "id": f"ev{i}"}).encode(),
+                                      [("trace-id", f"{i:032x}".encode()), ("source", b"web")]))
         for i in range(0, len(payloads), 2000):
             produce_and_flush(producer, payloads[i : i + 2000])
         producer.close()
         say(f"{events} events on {topics.events} (4 partitions), broker {broker.bootstrap_servers}")
-        results: dict[str, list[float]] = {"passthrough": [], "tier": []}
-        cpu: dict[str, list[float]] = {"passthrough": [], "tier": []}
+        kinds = ("passthrough", "tier", "enriched") if enriched else ("passthrough", "tier")
+        results: dict[str, list[float]] = {k: [] for k in kinds}
+        cpu: dict[str, list[float]] = {k: [] for k in kinds}
         for rnd in range(rounds):
-            for kind in ("passthrough", "tier"):
+            for kind in kinds:
                 timing = Timing()
                 # A fresh group each round reads the whole topic; a fresh idempotency space too.
-                group_cfg = config.model_copy(update={"redis": config.redis.model_copy(update={"key_prefix": f"{prefix}{rnd}:"})})
+                group_cfg = config.model_copy(update={
+                    "redis": config.redis.model_copy(update={"key_prefix": f"{prefix}{rnd}{kind}:"}),
+                    "output": OutputConfig(mode="enriched" if kind == "enriched" else "decision"),
+                })
                 worker = (PassThrough(group_cfg, f"{prefix}pt{rnd}", timing) if kind == "passthrough"
                           else TimedTier(group_cfg, timing))
                 if isinstance(worker, TimedTier):
-                    worker.group = f"{prefix}tier{rnd}"
+                    worker.group = f"{prefix}{kind}{rnd}"
                     publish_stage(make_state(group_cfg), stage)
                     worker.follower.poll()
                 worker.run(max_idle_s=idle_s)
@@ -147,7 +158,11 @@ def measure(rows: list[LabelledEvent], events: int, rounds: int, idle_s: float =
     finally:
         broker.stop()
         redis.stop()
-    return Throughput(max(results["passthrough"]), max(results["tier"]), max(cpu["passthrough"]), max(cpu["tier"]))
+    t = Throughput(max(results["passthrough"]), max(results["tier"]), max(cpu["passthrough"]), max(cpu["tier"]))
+    if enriched:  # within a round, so the machine's drift between rounds cancels
+        t.enriched_ratio = statistics.median(e / d for e, d in zip(results["enriched"], results["tier"]))
+        t.enriched_cpu_ratio = statistics.median(e / d for e, d in zip(cpu["enriched"], cpu["tier"]))
+    return t
 
 
 def main() -> int:
@@ -155,17 +170,21 @@ def main() -> int:
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--enriched", action="store_true", help="also the tier worker with output.mode: enriched")
     args = ap.parse_args()
     path = Path(args.data_dir) / "isear.jsonl.gz"
     if not path.exists():
         print(f"SKIP: {path} not found (see ../shared/data/README.md)", file=sys.stderr)
         return 0
     configure_logging("console", "WARNING")
-    t = measure(read_stream(path, shuffle_seed=0), args.events, args.rounds)
+    t = measure(read_stream(path, shuffle_seed=0), args.events, args.rounds, enriched=args.enriched)
     print(f"\nbest of {args.rounds}: pass-through {t.passthrough:,.0f} ev/s, tier-1 worker {t.tier:,.0f} ev/s, "
           f"ratio {t.tier / t.passthrough:.2f} (target >= 0.5)")
     print(f"per CPU second:  pass-through {t.passthrough_cpu:,.0f}, tier-1 worker {t.tier_cpu:,.0f}, "
           f"ratio {t.tier_cpu / t.passthrough_cpu:.2f}")
+    if t.enriched_ratio is not None:
+        print(f"enriched output: tier worker enriched / decision, median of rounds: {t.enriched_ratio:.3f} (wall), "
+              f"{t.enriched_cpu_ratio:.3f} (CPU)")
     return 0
 
 

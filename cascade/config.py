@@ -419,6 +419,26 @@ class ServerConfig(_Section):
     log_level: str = "INFO"
 
 
+class OutputConfig(_Section):
+    """What the decisions topic carries: the decision alone (keyed by event id), or the original
+    event enriched with it (the event's own key and headers), for consumers that would otherwise
+    join decisions back to their events."""
+
+    mode: Literal["decision", "enriched"] = "decision"
+    field: str = Field("cascade", min_length=1, description="top-level key of the decision in an enriched event")
+    # An event that already has ``field``: dead-lettered by the first tier before anything is paid
+    # for it, or emitted with the field replaced by the decision.
+    on_collision: Literal["dead_letter", "overwrite"] = "dead_letter"
+
+    @field_validator("field")
+    @classmethod
+    def _top_level(cls, field: str) -> str:
+        # Loud rather than surprising: task paths are dotted, this one is a single key.
+        if "." in field:
+            raise ValueError("output.field is one top-level key; dotted paths are not supported")
+        return field
+
+
 def _default_tiers() -> list[TierConfig]:
     return [LogisticTierConfig(name="logistic", cost=1.0)]
 
@@ -446,6 +466,7 @@ class CascadeConfig(BaseModel):
     state: StateConfig = Field(default_factory=StateConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
 
     @property
     def contract_on(self) -> bool:

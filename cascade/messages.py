@@ -109,6 +109,17 @@ class ContractTally(Message):
     p_agree: list[float] = Field(default_factory=list)  # the policy's p for the same events
 
 
+class Origin(Message):
+    """The Kafka record an event came in as, where the output needs more than the parsed event:
+    ``output.mode: enriched`` emits the event under its own key, with its own headers, from
+    whichever worker decides it (the LLM's, for a deferred event). Bytes travel base64 in JSON."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+
+    key: bytes | None = None
+    headers: list[tuple[str, bytes | None]] = Field(default_factory=list)
+
+
 class Deferred(Message):
     """An event passed up the cascade: to the next tier's topic or the LLM's."""
 
@@ -122,6 +133,10 @@ class Deferred(Message):
     # demonstration and a measurement, never a second decision.
     audit: bool = False
     tally: ContractTally | None = None  # carried by audits
+    # Set by the first tier only when the output is enriched: the event's key and headers. Left out
+    # of the JSON when unset, so workers of the previous release (extra="forbid") still read the
+    # deferrals of a rolling update in the default output mode.
+    origin: Origin | None = Field(None, exclude_if=lambda origin: origin is None)
 
 
 class DeadLetter(Message):

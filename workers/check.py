@@ -135,11 +135,13 @@ def sample_events(config: CascadeConfig, data: Path | None, n: int) -> list[Even
     """``n`` sample events: the first of a file, else the newest of the input topics."""
     if data is not None:
         return [r.event for r in read_stream(data, limit=n)]
-    from workers.replay_source import load_topic  # reads as an observer
+    from workers.replay_source import TopicReader, load_topic, source_topics  # reads as an observer
 
     topics = Topics(config)
+    with TopicReader(config) as reader:
+        names = source_topics(reader, topics)  # a pattern's matches too
     rows = []
-    for topic in topics.external or [topics.events]:
+    for topic in names:
         per_partition = max(1, n // max(config.kafka.partitions, 1))
         rows += load_topic(config, topic, -per_partition, None, gold_field=None, progress=False).rows
     return [r.event for r in rows[:n]]

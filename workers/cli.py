@@ -167,11 +167,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raise ConfigError("replay: with --data, --from/--to are row indices") from None
         loaded = load_file(args.data, frm, to, args.shuffle_seed)
     else:
-        from workers.replay_source import load_demonstrations, load_topic_range
+        from workers.replay_source import events_topic, load_demonstrations, load_topic_range
         from workers.topics import Topics
 
         topics = Topics(config)
-        topic = {"events": topics.events, "decisions": topics.decisions}.get(args.topic, args.topic)
+        topic = {"events": events_topic, "decisions": lambda t: t.decisions}.get(args.topic, lambda _: args.topic)(topics)
         loaded = load_topic_range(config, topic, args.from_, args.to, args.gold_field or None, progress)
         demonstrations = lambda ids: load_demonstrations(config, ids, config.llm.name, progress)  # noqa: E731
     report = replay(
@@ -220,6 +220,12 @@ def _print_report(report: Any) -> None:
         print(f"agreement w/ LLM  {report.agreement_with_llm:.4f}")
     print(f"cache hits        {report.cache_hits}   budget exhausted {report.budget_exhausted}   "
           f"LLM unusable {report.llm_unusable}   explored {report.explored}")
+    unmapped = getattr(report, "llm_unmapped_ratio", None)  # the LLM worker's, from `cascade run`
+    if unmapped is not None:
+        from workers.observability import UNMAPPED_THRESHOLD
+
+        hint = "   <- check task.labels and task.label_aliases" if unmapped > UNMAPPED_THRESHOLD else ""
+        print(f"LLM unmapped      {unmapped:.0%} of the last 100 answers named no label{hint}")
     print(f"macro-F1          {report.macro_f1:.4f}")
     print(f"events/second     {report.events_per_second:,.0f}")
     if report.contract is not None:

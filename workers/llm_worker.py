@@ -29,6 +29,7 @@ from cascade.tiers.llm import CIRCUIT_OPEN, LLMError, call_with_retries, make_ba
 from workers.kafka_io import OutRecord
 from workers.loop import BatchResult, Worker, dead_letter
 from workers.observability import UnmappedWatch
+from workers.output import decision_records
 from workers.topics import Topics
 
 log = get_logger("cascade.worker.llm")
@@ -208,8 +209,12 @@ class LLMWorker(Worker):
             for dec in decided:
                 self.contract.record(dec)
             self._control()
+        out, refused = decision_records(self.config.output, self.topics, self.role,
+                                        ((dec, items[dec.event_id][1], items[dec.event_id][0]) for dec in decided))
+        res.records.extend(out)
+        for why, n in refused.items():
+            self.metrics.dead_letters.labels(self.role, why).inc(n)
         for dec in decided:
-            res.records.append(OutRecord(self.topics.decisions, dec.event_id.encode(), dec.model_dump_json().encode()))
             self.metrics.answered.labels(self.role, dec.tier, dec.reason).inc()
             if dec.event_id in items:
                 self.metrics.event_latency.labels(self.role).observe(time.time() - items[dec.event_id][1].first_seen)

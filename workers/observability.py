@@ -60,6 +60,10 @@ class WorkerMetrics:
                                     "min_agreement", ["role"], registry=r)
 
 
+# Above this share of LLM answers naming no label, the LLM worker warns and the run report says so.
+UNMAPPED_THRESHOLD = 0.2
+
+
 class UnmappedWatch:
     """The share of LLM answers that map to no label over the last ``window`` answers.
 
@@ -67,7 +71,7 @@ class UnmappedWatch:
     ``min_answers`` answers, and no warning was given in the last ``every_s`` seconds.
     """
 
-    def __init__(self, window: int = 100, threshold: float = 0.2, min_answers: int = 20, every_s: float = 60.0,
+    def __init__(self, window: int = 100, threshold: float = UNMAPPED_THRESHOLD, min_answers: int = 20, every_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.threshold = threshold
         self.min_answers = min_answers

@@ -17,6 +17,7 @@ the last record with offset 0 and timestamp -1 instead of no offset; that is rea
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -30,12 +31,13 @@ from pydantic import ValidationError
 
 from cascade.config import CascadeConfig, ConfigError
 from cascade.evaluation.progress import Progress
-from cascade.messages import Decision, Demonstration
+from cascade.messages import Demonstration
 from cascade.replay.command import Loaded
 from cascade.replay.join import RecordedEvent
 from cascade.security import kafka_client_kwargs
 from cascade.task import InvalidEvent, Task
 from workers.kafka_io import LagProbe, TopicPartition, _forbid_topic_auto_creation
+from workers.output import read_output
 from workers.topics import Topics
 
 Bound = int | datetime | None
@@ -216,38 +218,68 @@ def load_topic(
 
             reader.read(rng, on_event, Progress(rng.total, f"replay: reading {topic}", enabled=progress))
             return TopicLoad(_order(items), rng, topic, kind, invalid, seconds=time.perf_counter() - started)
-        # A decisions range: which events it answered, and what the LLM said for them.
+        # A decisions range: which events it answered, and what the LLM said for them. Enriched
+        # decisions carry their event; the others' events are read from the input topics.
         wanted: set[str] = set()
         llm: dict[str, str | None] = {}
+        carried: dict[str, tuple[tuple[int, int, int], RecordedEvent]] = {}
 
         def on_decision(rec: ConsumerRecord) -> None:
             try:
-                d = Decision.model_validate_json(rec.value)
-            except ValidationError:
+                back = read_output(rec.value, config.output)
+            except ValueError:  # pydantic's ValidationError included
                 invalid["invalid_decision"] += 1
                 return
+            d = back.decision
             wanted.add(d.event_id)
             if d.reason == "llm" and d.tier == "llm" and d.label is not None:
                 llm[d.event_id] = d.label
             elif d.reason == "llm_unusable":
                 llm[d.event_id] = None  # the LLM was asked and named no label
+            if back.event is not None:
+                try:
+                    ev = task.parse_event(back.event)
+                except InvalidEvent:
+                    return
+                # Ordered by when it was decided: the event's own record is not read.
+                carried.setdefault(ev.id, ((rec.timestamp, rec.partition, rec.offset),
+                                           RecordedEvent(ev, _gold(ev.payload, gold_field, task.labels), rec.timestamp)))
         reader.read(rng, on_decision, Progress(rng.total, f"replay: reading {topic}", enabled=progress))
-        items = []
+        items = list(carried.values())
 
         def on_source(rec: ConsumerRecord) -> None:
             try:
                 ev = task.parse_event(rec.value, config.kafka.max_event_bytes)
             except InvalidEvent:
                 return
-            if ev.id in wanted:
+            if ev.id in wanted and ev.id not in carried:
                 items.append(((rec.timestamp, rec.partition, rec.offset),
                               RecordedEvent(ev, _gold(ev.payload, gold_field, task.labels), rec.timestamp)))
 
-        whole = reader.resolve(topics.events)
-        reader.read(whole, on_source, Progress(whole.total, f"replay: events of {topic}", enabled=progress))
+        if not wanted.issubset(carried):
+            for source in source_topics(reader, topics):
+                whole = reader.resolve(source)
+                reader.read(whole, on_source, Progress(whole.total, f"replay: events of {topic} in {source}", enabled=progress))
         found = {r.event.id for _, r in items}
         invalid["event_not_found"] += len(wanted - found)
         return TopicLoad(_order(items), rng, topic, kind, invalid, llm, seconds=time.perf_counter() - started)
+
+
+def events_topic(topics: Topics) -> str:
+    """What ``--topic events`` names: the first tier's one input topic (``{prefix}events`` unless
+    ``kafka.input_topics`` names another); several input topics or a pattern must be named."""
+    if len(topics.inputs) == 1:
+        return topics.inputs[0]
+    given = topics.inputs or [f"pattern {topics.input_pattern!r}"]
+    raise ConfigError(f"replay: the first tier reads {', '.join(given)}; name one topic with --topic")
+
+
+def source_topics(reader: TopicReader, topics: Topics) -> list[str]:
+    """The topics the first tier reads: the configured input topics, or those its pattern matches now."""
+    if topics.input_pattern is None:
+        return list(topics.inputs)
+    pattern = re.compile(topics.input_pattern)
+    return sorted(t for t in reader.consumer.topics() if pattern.match(t))  # matched as kafka-python subscribes
 
 
 def load_demonstrations(config: CascadeConfig, ids: set[str], llm_name: str, progress: bool = True) -> dict[str, str]:

@@ -29,6 +29,7 @@ from cascade.security import kafka_client_kwargs, secret_environment
 from cascade.state import make_state
 from cascade.task import Task
 from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
+from workers.output import read_decision
 from workers.topics import Topics
 
 log = get_logger("cascade.run")
@@ -119,7 +120,7 @@ def collect_decisions(config: CascadeConfig, ids: set[str], timeout_s: float, pr
         while time.monotonic() < deadline and not ids.issubset(found):
             for tp_records in consumer.poll(timeout_ms=500).values():
                 for rec in tp_records:
-                    d = Decision.model_validate_json(rec.value)
+                    d = read_decision(rec.value, config.output)
                     found.setdefault(d.event_id, []).append(d)
             bar.update(len(ids & found.keys()))
     finally:
@@ -167,7 +168,9 @@ def score(config: CascadeConfig, rows: list[LabelledEvent], decisions: dict[str,
         scorer.add_decision(r.gold, ds[0] if ds else None, task.map_answer(recorded), None)
     metrics = llm_metrics or {}
     scorer.audit_calls = int(metrics.get(("cascade_audit_calls_total", ""), 0))
-    return scorer.report(seconds, {"mu": config.deferral.mu, "llm": config.llm.name}, contract_status(config, metrics))
+    report = scorer.report(seconds, {"mu": config.deferral.mu, "llm": config.llm.name}, contract_status(config, metrics))
+    report.llm_unmapped_ratio = metrics.get(("cascade_llm_unmapped_ratio", ""))
+    return report
 
 
 def run_pipeline(config: CascadeConfig, rows: list[LabelledEvent] | None, run_dir: Path, base_port: int,

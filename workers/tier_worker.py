@@ -21,6 +21,7 @@ from cascade.task import InvalidEvent, Task
 from workers.kafka_io import LagProbe, OutRecord
 from workers.loop import BatchResult, Worker, dead_letter
 from workers.observability import FreshGroupWatch
+from workers.output import OutputRefused, decision_records, origin_of, refusal
 from workers.topics import Topics
 
 log = get_logger("cascade.worker.tier")
@@ -80,9 +81,15 @@ class TierWorker(Worker):
     def _parse(self, rec: ConsumerRecord, res: BatchResult, now: float) -> Deferred | None:
         try:
             if self.first:  # (a time passed in, not a default factory: pydantic calls those slowly)
-                return Deferred(event=self.task.parse_event(rec.value, self.config.kafka.max_event_bytes), first_seen=now)
+                event = self.task.parse_event(rec.value, self.config.kafka.max_event_bytes)
+                refused = refusal(self.config.output, event.payload)  # refused before anything is spent on it
+                if refused is not None:
+                    raise refused
+                # An enriched output keeps the record's key and headers, whichever worker decides.
+                origin = origin_of(rec) if self.config.output.mode == "enriched" else None
+                return Deferred(event=event, first_seen=now, origin=origin)
             return Deferred.model_validate_json(rec.value)
-        except InvalidEvent as e:
+        except (InvalidEvent, OutputRefused) as e:
             reason, detail = e.reason, e.detail
         except ValidationError as e:
             reason, detail = "invalid_deferral", str(e)
@@ -159,9 +166,11 @@ class TierWorker(Worker):
             self.metrics.deferred.labels(self.role, to, str(explored).lower()).inc(n)
         for (tier_name, reason), n in Counter((d.tier, d.reason) for d in decided).items():
             self.metrics.answered.labels(self.role, tier_name, reason).inc(n)
-        res.records.extend(
-            OutRecord(self.topics.decisions, d.event_id.encode(), d.model_dump_json().encode()) for d in decided
-        )
+        out, refused = decision_records(self.config.output, self.topics, self.role,
+                                        ((d, items[d.event_id], recs[d.event_id]) for d in decided))
+        res.records.extend(out)
+        for why, n in refused.items():
+            self.metrics.dead_letters.labels(self.role, why).inc(n)
         self.record_decided(res, [d.event_id for d in decided], [items[d.event_id].event.text for d in decided])
         if decided and self.config.state.cache_cheap_answers:
             answered = [d for d in decided if d.reason == "tier"]

@@ -52,6 +52,8 @@ class Report(BaseModel):
     window_estimated_agreement: float | None = None
     window_agreement_lower_bound: float | None = None
     contract: ContractStatus | None = None
+    # Share of the last 100 LLM answers that named no label (the LLM worker's gauge: `cascade run`).
+    llm_unmapped_ratio: float | None = None
 
 
 # The contract's estimates a report also shows at the top level.

@@ -54,6 +54,7 @@ def route_stage(stage: Stage, items: Sequence[Deferred], now: float | None = Non
             step.passed.append((i, Deferred(
                 event=d.event, outputs=[*d.outputs, routing.output(i)],
                 explored=d.explored or action is Action.EXPLORE, cost=cost, first_seen=d.first_seen,
+                origin=d.origin,
             )))
     return step
 

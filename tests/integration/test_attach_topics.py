@@ -9,10 +9,12 @@ import pytest
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
-from cascade.config import load_config
+from cascade.config import ConfigError, load_config
 from cascade.messages import Decision
+from workers.check import sample_events
 from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
 from workers.llm_worker import LLMWorker
+from workers.replay_source import events_topic
 from workers.tier_worker import TierWorker
 from workers.topics import Topics
 
@@ -101,3 +103,23 @@ def test_a_missing_input_topic_is_a_clear_error_and_is_not_created(kafka_bootstr
             tier.run(max_idle_s=1.0)
     finally:
         tier.health.close()
+
+
+def test_check_samples_and_replay_read_the_configured_input(kafka_bootstrap):
+    """`cascade check` samples the pattern's topics, `cascade replay --topic events` the named input,
+    not {prefix}events (which nothing feeds when attached to a user's topics)."""
+    uid = uuid.uuid4().hex[:8]
+    ensure_topics(kafka_bootstrap, [f"smp-{uid}-x", f"smp-{uid}-y"], 1)
+    feed_x, feed_y = ["x1", "x2"], ["y1"]
+    by_pattern = config_for(kafka_bootstrap, input_pattern=rf"smp-{uid}-.*")
+    feed(by_pattern, f"smp-{uid}-x", feed_x)
+    feed(by_pattern, f"smp-{uid}-y", feed_y)
+    assert sorted(e.id for e in sample_events(by_pattern, None, 4)) == sorted(feed_x + feed_y)
+    with pytest.raises(ConfigError, match="name one topic"):
+        events_topic(Topics(by_pattern))
+    named = config_for(kafka_bootstrap, input_topics=[f"smp-{uid}-x"])
+    assert events_topic(Topics(named)) == f"smp-{uid}-x"
+    with pytest.raises(ConfigError, match="name one topic"):
+        events_topic(Topics(config_for(kafka_bootstrap, input_topics=[f"smp-{uid}-x", f"smp-{uid}-y"])))
+    default = config_for(kafka_bootstrap)
+    assert events_topic(Topics(default)) == Topics(default).events

@@ -8,10 +8,13 @@ import json
 from structlog.testing import capture_logs
 
 from cascade.config import load_config
+from cascade.evaluation.data import LabelledEvent
 from cascade.messages import Deferred, Event, TierOutput
 from tests.records import Rec
+from workers.cli import _print_report
 from workers.llm_worker import LLMWorker
 from workers.observability import FreshGroupWatch, UnmappedWatch
+from workers.run import llm_worker_metrics, score
 from workers.tier_worker import TierWorker
 
 LLM = "test-llm"
@@ -112,3 +115,23 @@ def test_fresh_group_watch_decides_after_the_first_batches():
     assert not watch.add(10, 10) and not watch.add(10, 10)
     assert watch.add(10, 9)
     assert not watch.add(10, 10)  # once
+
+
+def test_the_run_report_shows_the_llm_workers_unmapped_ratio(capsys):
+    """`cascade run` reads the ratio from the LLM worker's /metrics into its report."""
+    cfg = config()
+    w = LLMWorker(cfg, metrics_port=0)
+    try:
+        w.process([deferred(i, "banana" if i % 2 else "joy") for i in range(40)])
+        metrics = llm_worker_metrics(w.health.port)
+    finally:
+        w.health.close()
+    rows = [LabelledEvent(Event(id=f"e{i}", text="t", payload={"llm": {LLM: "joy"}}), "joy") for i in range(2)]
+    report = score(cfg, rows, {}, 1.0, metrics)
+    assert report.llm_unmapped_ratio == 0.5
+    _print_report(report)
+    assert "LLM unmapped      50% of the last 100 answers named no label   <- check task.labels" in capsys.readouterr().out
+    quiet = score(cfg, rows, {}, 1.0, {**metrics, ("cascade_llm_unmapped_ratio", ""): 0.05})
+    _print_report(quiet)
+    out = capsys.readouterr().out
+    assert "LLM unmapped      5% of the last 100" in out and "<- check" not in out
