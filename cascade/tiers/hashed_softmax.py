@@ -82,6 +82,7 @@ class HashedSoftmaxTier(Tier):
         self.b = np.zeros(k)
         self.G_b = np.zeros(k)
         self.seen = np.zeros(k, dtype=bool)  # labels learned so far (read only with seen_only)
+        self._all_seen = False  # seen.all(), which once true stays so: then no masking is needed
         self._pending: tuple[SparseVector, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     # -- hooks -------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ class HashedSoftmaxTier(Tier):
         return rows.indptr, rows.buckets, rows.values
 
     def _logits_to_proba(self, z: np.ndarray) -> np.ndarray:
-        if not self.seen_only:
+        if not self.seen_only or self._all_seen:
             return _softmax(z)
         if not self.seen.any():  # river, untrained: no label to put mass on; uniform
             return np.full(z.shape, 1.0 / len(self.labels))
@@ -180,9 +181,14 @@ class HashedSoftmaxTier(Tier):
         if self.seen_only:
             # river: the gradient covers the labels seen so far and c, with clamped probabilities;
             # a label not seen before had none (0), also when none was and p is the uniform one.
-            p = np.where(self.seen, p, 0.0)
-            self.seen[c] = True
-            err = np.where(self.seen, np.clip(p, _CLAMP, 1.0 - _CLAMP), 0.0)
+            # (np.minimum/np.maximum: np.clip's values without its Python-level dispatch.)
+            if self._all_seen:
+                err = np.minimum(np.maximum(p, _CLAMP), 1.0 - _CLAMP)
+            else:
+                p = np.where(self.seen, p, 0.0)
+                self.seen[c] = True
+                self._all_seen = bool(self.seen.all())
+                err = np.where(self.seen, np.minimum(np.maximum(p, _CLAMP), 1.0 - _CLAMP), 0.0)
         else:
             err = p.copy()
         err[c] -= 1.0
@@ -242,6 +248,7 @@ class HashedSoftmaxTier(Tier):
             self.G_b = adagrad_bias.astype(np.float64)
         if seen is not None:
             self.seen = seen.copy()
+            self._all_seen = bool(seen.all())
         self._pending = None
 
 
