@@ -3,12 +3,16 @@ n-grams. A baseline for the benchmarks only (bench/cheap_tiers.py, bench/smoke.p
 bench/cascade_sweep.py report the numpy tier against it in the same run) and the source of the
 river-format snapshots that ``cascade.tiers.logistic.LogisticTier`` converts on load. Its kind is
 still ``logistic``: its snapshots are the ones earlier versions published.
+
+``register()`` makes it the tier kind ``river-logistic`` (config as ``logistic``'s) for benchmarks
+that build tiers from a config (bench/worker_throughput.py, bench/smoke.py); the cascade never
+registers it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 from river import linear_model, optim
@@ -19,6 +23,7 @@ from cascade.features import HashedNgrams, SparseRows, SparseVector
 from cascade.messages import Event
 from cascade.river_state import softmax_from_state, softmax_state
 from cascade.tiers.base import SnapshotError, Tier
+from cascade.tiers.registry import register_tier, tier_kinds
 
 _BIAS = -1  # a bucket no hash produces: river's softmax regression has no intercept of its own
 # Batches this large are featurised in numpy and may be scored with a compiled numpy copy of the
@@ -131,3 +136,16 @@ class RiverLogisticTier(Tier):
         self.model = model
         self._compiled = None  # the version may not change on a rollback
         self._last_version = -1
+
+
+class RiverLogisticTierConfig(LogisticTierConfig):
+    """Kind "river-logistic": ``logistic``'s fields, served by river's path (benchmarks only)."""
+
+    kind: Literal["river-logistic"] = "river-logistic"  # type: ignore[assignment]
+
+
+def register() -> None:
+    """Register the kind ``river-logistic`` (once per process)."""
+    if "river-logistic" not in tier_kinds():
+        register_tier("river-logistic", RiverLogisticTierConfig,
+                      lambda config, labels, features: RiverLogisticTier(config, labels, features))

@@ -1,8 +1,8 @@
 """First cheap tier ``logistic`` (baseline) against ``nblr``: the cascade's quality and speed.
 
-    python bench/tier_sweep.py [--data-dir ../shared/data] [--jobs 2] [--onnx] [--onnx-limit 2000]
+    python bench/tier_sweep.py [--data-dir ../shared/data] [--jobs 2] [--file-order] [--onnx] [--onnx-limit 2000]
 
-Streams, shuffled with seed 0: isear with GPT-3.5's answers, and hatespeech with Llama-2's and
+Streams, shuffled with seed 0 (``--file-order``: in file order): isear with GPT-3.5's answers, and hatespeech with Llama-2's and
 miss costs {"hate": 3} (as bench/cascade_sweep.py). Each (tier, mu) is one run of
 `cascade.evaluation.simulate` (what `cascade simulate` runs) with that tier before the LLM.
 Reported: accuracy against gold, agreement with the LLM, hate recall, LLM share and events/s,
@@ -60,9 +60,11 @@ def tiers_of(setup: str) -> list[dict[str, Any]]:
     raise ValueError(setup)
 
 
-def run_point(data_dir: str, dataset: str, setup: str, mu: float, limit: int | None = None) -> dict[str, Any]:
+def run_point(
+    data_dir: str, dataset: str, setup: str, mu: float, limit: int | None = None, shuffle: int | None = 0,
+) -> dict[str, Any]:
     llm, miss = STREAMS[dataset]
-    rows = read_stream(Path(data_dir) / f"{dataset}.jsonl.gz", shuffle_seed=0, limit=limit)
+    rows = read_stream(Path(data_dir) / f"{dataset}.jsonl.gz", shuffle_seed=shuffle, limit=limit)
     config = load_config(
         None,
         task={"name": dataset, "labels": sorted(labels_of(rows)), "miss_costs": miss},
@@ -74,6 +76,7 @@ def run_point(data_dir: str, dataset: str, setup: str, mu: float, limit: int | N
     hate = r.per_class.get("hate")
     return {
         "dataset": dataset, "llm": llm, "setup": setup, "mu": mu, "limit": limit, "miss_costs": miss,
+        "order": "file" if shuffle is None else f"shuffled({shuffle})",
         "llm_share": r.llm_call_fraction, "accuracy": r.accuracy, "agreement": r.agreement_with_llm,
         "llm_accuracy": r.llm_accuracy, "cheap_alone_accuracy": r.cheap_tier_alone_accuracy,
         "hate_recall": hate.recall if hate else None, "events_per_second": r.events_per_second,
@@ -142,6 +145,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--file-order", action="store_true", help="the streams in file order, not shuffled")
     ap.add_argument("--repeats", type=int, default=3, help="throughput runs of each tier")
     ap.add_argument("--onnx", action="store_true", help="also the ONNX setups on ISEAR (--onnx-limit events)")
     ap.add_argument("--onnx-limit", type=int, default=2000, help="0: the whole stream (only the ONNX setups "
@@ -154,14 +158,15 @@ def main() -> int:
         print(f"SKIP: data files not found in {data_dir} (see ../shared/data/README.md)", file=sys.stderr)
         return 0
     dd = str(data_dir)
-    jobs = [(dd, d, s, mu, None) for d in STREAMS for s in ("logistic", "nblr") for mu in MUS[d]]
+    shuffle = None if args.file_order else 0
+    jobs = [(dd, d, s, mu, None, shuffle) for d in STREAMS for s in ("logistic", "nblr") for mu in MUS[d]]
     if args.onnx:
         if not (OUT / f"emb-isear-{ENCODER}.npz").exists():
             print("no embedding cache: run bench/onnx_tiers.py first (it writes bench/out/emb-*.npz)", file=sys.stderr)
             return 1
         limit = args.onnx_limit or None
         setups = ("ensemble(nblr,onnx)", "nblr>onnx") if limit is None else ("logistic", "nblr", "ensemble(nblr,onnx)", "nblr>onnx")
-        jobs += [(dd, "isear", s, mu, limit) for s in setups for mu in args.onnx_mus]
+        jobs += [(dd, "isear", s, mu, limit, shuffle) for s in setups for mu in args.onnx_mus]
     print(f"{len(jobs)} runs on {args.jobs} processes ...", file=sys.stderr)
     started = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
@@ -170,7 +175,7 @@ def main() -> int:
     speed = throughput(dd, args.repeats)
 
     full = [p for p in points if p["limit"] is None]
-    print("\nFull streams, shuffled (seed 0); ev/s of runs sharing the cores, 'x base' against logistic at the same mu")
+    print(f"\nFull streams, {'file order' if shuffle is None else 'shuffled (seed 0)'}; ev/s of runs sharing the cores, 'x base' against logistic at the same mu")
     table(full)
     limited = [p for p in points if p["limit"] is not None]
     if limited:

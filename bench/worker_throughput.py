@@ -1,6 +1,7 @@
 """Events per second through a tier-1 worker against a pass-through worker on the same broker.
 
     python bench/worker_throughput.py [--data-dir ../shared/data] [--events 20000] [--rounds 2]
+        [--tier logistic|nblr|river-logistic ...]
 
 Both run the same consume → process → produce (acks=all) → commit loop of ``workers/loop.py``
 against a private Tansu broker and the local Redis; the pass-through copies each record to an
@@ -8,31 +9,38 @@ output topic, the tier worker parses, checks idempotency and the decision cache,
 logistic tier and its policy (warm: loaded from the registry, trained on the first 3,000 ISEAR
 events by the in-process cascade) and produces decisions or deferrals. Rounds alternate the two
 so a noisy machine hurts both alike. Target: the tier worker at least 0.5 of pass-through.
+``--tier`` names the first tier's kind (several: each measured in turn, every round alternating with
+its own pass-through); ``river-logistic`` is the logistic tier as river ran it before issue 18
+(bench/river_logistic.py). Redis: ``CASCADE_TEST_REDIS_URL`` if set, else db 13 of the local one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from kafka.consumer.fetcher import ConsumerRecord
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cascade.config import CascadeConfig, load_config
-from cascade.evaluation.data import LabelledEvent, labels_of, read_stream
-from cascade.learning.registry import publish_stage
-from cascade.logging import configure_logging
-from cascade.routing.cascade import Cascade
-from cascade.state import make_state
-from devtools.services import ensure_redis, start_tansu
-from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
-from workers.loop import BatchResult, Worker
-from workers.tier_worker import TierWorker
-from workers.topics import Topics
+from kafka.consumer.fetcher import ConsumerRecord  # noqa: E402
+
+from bench import river_logistic  # noqa: E402
+from cascade.config import CascadeConfig, load_config  # noqa: E402
+from cascade.evaluation.data import LabelledEvent, labels_of, read_stream  # noqa: E402
+from cascade.learning.registry import publish_stage  # noqa: E402
+from cascade.logging import configure_logging  # noqa: E402
+from cascade.routing.cascade import Cascade  # noqa: E402
+from cascade.state import make_state  # noqa: E402
+from devtools.services import ensure_redis, start_tansu  # noqa: E402
+from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush  # noqa: E402
+from workers.loop import BatchResult, Worker  # noqa: E402
+from workers.tier_worker import TierWorker  # noqa: E402
+from workers.topics import Topics  # noqa: E402
 
 GPT = "gpt-3.5-turbo-1106"
 
@@ -99,13 +107,17 @@ class Throughput:
 
 
 def measure(rows: list[LabelledEvent], events: int, rounds: int, idle_s: float = 10.0, warm_events: int = 3000,
-            verbose: bool = True) -> Throughput:
-    """Both workers over the same ``events`` records on a private Tansu, ``rounds`` times each."""
+            verbose: bool = True, tier: str = "logistic") -> Throughput:
+    """Both workers over the same ``events`` records on a private Tansu, ``rounds`` times each;
+    the tier worker serves a first tier of kind ``tier``."""
     say = print if verbose else (lambda *_: None)
+    if tier == "river-logistic":
+        river_logistic.register()
     broker = start_tansu(None)
-    redis = ensure_redis("redis://127.0.0.1:6379/13")
+    redis = ensure_redis(os.environ.get("CASCADE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13"))
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     config = load_config(None, task={"labels": sorted(labels_of(rows))}, llm={"name": GPT}, deferral={"mu": 0.3},
+                         tiers=[{"name": tier, "kind": tier}],
                          kafka={"bootstrap_servers": broker.bootstrap_servers, "topic_prefix": prefix, "partitions": 4},
                          redis={"url": redis.url, "key_prefix": prefix}, state={"backend": "redis"})
     try:
@@ -155,17 +167,20 @@ def main() -> int:
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tier", nargs="+", default=["logistic"], help="first tier kind(s): logistic, nblr, river-logistic")
     args = ap.parse_args()
     path = Path(args.data_dir) / "isear.jsonl.gz"
     if not path.exists():
         print(f"SKIP: {path} not found (see ../shared/data/README.md)", file=sys.stderr)
         return 0
     configure_logging("console", "WARNING")
-    t = measure(read_stream(path, shuffle_seed=0), args.events, args.rounds)
-    print(f"\nbest of {args.rounds}: pass-through {t.passthrough:,.0f} ev/s, tier-1 worker {t.tier:,.0f} ev/s, "
-          f"ratio {t.tier / t.passthrough:.2f} (target >= 0.5)")
-    print(f"per CPU second:  pass-through {t.passthrough_cpu:,.0f}, tier-1 worker {t.tier_cpu:,.0f}, "
-          f"ratio {t.tier_cpu / t.passthrough_cpu:.2f}")
+    rows = read_stream(path, shuffle_seed=0)
+    for tier in args.tier:
+        t = measure(rows, args.events, args.rounds, tier=tier)
+        print(f"\n{tier}, best of {args.rounds}: pass-through {t.passthrough:,.0f} ev/s, tier-1 worker {t.tier:,.0f} ev/s, "
+              f"ratio {t.tier / t.passthrough:.2f} (target >= 0.5)")
+        print(f"{tier}, per CPU second:  pass-through {t.passthrough_cpu:,.0f}, tier-1 worker {t.tier_cpu:,.0f}, "
+              f"ratio {t.tier_cpu / t.passthrough_cpu:.2f}\n")
     return 0
 
 
