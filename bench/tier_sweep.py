@@ -15,7 +15,13 @@ The issue's targets, PASS/MISS per first tier:
   * ISEAR/GPT-3.5, LLM share <= 45%: accuracy >= 0.675
   * hatespeech/Llama-2, LLM share <= 40%: agreement >= 0.93 and hate recall >= 0.76 (one run)
   * hatespeech/Llama-2, LLM share <= 30%: hate recall >= 0.76
-  * ISEAR: nblr's events/s >= 3x logistic's
+  * ISEAR: `cascade simulate` with the default tier >= 3x the events/s of the river-based logistic
+    tier it had before issue 18: measured against that checkout by bench/simulate_speed.py; here
+    nblr's events/s is only compared with today's (numpy) logistic tier.
+
+"Same LLM share" (after the targets): each nblr run against the logistic curve interpolated
+linearly at nblr's LLM share (accuracy, and hate recall on hatespeech): the evidence for which
+first tier is the default.
 
 ``--onnx`` adds, on the first ``--onnx-limit`` ISEAR events (0: all, next to the main sweep), ensemble(nblr, onnx) → LLM and
 nblr → onnx → LLM next to logistic → LLM and nblr → LLM on the same events. The MiniLM
@@ -126,8 +132,35 @@ def targets(points: list[dict[str, Any]], speed: dict[str, float]) -> list[str]:
             lines.append(f"  {'PASS' if ok(p) else 'MISS'}  {setup:<9} {what}: mu {p['mu']} -> {p['llm_share']:.1%} LLM, "
                          f"accuracy {p['accuracy']:.4f}, agreement {p['agreement']:.3f}{hate}")
     ratio = speed["nblr"] / speed["logistic"]
-    lines.append(f"  {'PASS' if ratio >= 3 else 'MISS'}  nblr      ISEAR events/s >= 3x logistic: "
+    lines.append(f"  info  nblr      ISEAR events/s against the (numpy) logistic tier: "
                  f"{speed['nblr']:,.0f} vs {speed['logistic']:,.0f} ev/s = {ratio:.2f}x")
+    return lines
+
+
+def interpolate(curve: list[tuple[float, float]], x: float) -> float | None:
+    """The piecewise-linear curve (x ascending) at x; None outside its range."""
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def same_share(points: list[dict[str, Any]], setup: str = "nblr", baseline: str = "logistic") -> list[str]:
+    """``setup``'s runs against ``baseline``'s curve at the same LLM share (see the docstring)."""
+    lines = [f"{'dataset':<11}{'mu':>5}{'LLM%':>7}{'acc':>8}{'base acc':>9}{'diff':>8}{'hateR':>7}{'base':>7}{'diff':>8}"]
+    for p in (p for p in points if p["setup"] == setup):
+        runs = sorted((q for q in points if q["setup"] == baseline and q["dataset"] == p["dataset"]),
+                      key=lambda q: q["llm_share"])
+        acc = interpolate([(q["llm_share"], q["accuracy"]) for q in runs], p["llm_share"])
+        if acc is None:
+            lines.append(f"{p['dataset']:<11}{p['mu']:>5}{p['llm_share']:>7.1%}  outside the {baseline} curve")
+            continue
+        row = f"{p['dataset']:<11}{p['mu']:>5}{p['llm_share']:>7.1%}{p['accuracy']:>8.4f}{acc:>9.4f}{p['accuracy'] - acc:>+8.4f}"
+        if p["hate_recall"] is not None:
+            hate = interpolate([(q["llm_share"], q["hate_recall"]) for q in runs], p["llm_share"])
+            if hate is not None:
+                row += f"{p['hate_recall']:>7.3f}{hate:>7.3f}{p['hate_recall'] - hate:>+8.3f}"
+        lines.append(row)
     return lines
 
 
@@ -185,6 +218,8 @@ def main() -> int:
           + ", ".join(f"{k} {v:,.0f} ev/s" for k, v in speed.items()))
     print("\ntargets (full streams):")
     print("\n".join(targets(full, speed)))
+    print(f"\nsame LLM share: nblr against the logistic curve ({'file order' if shuffle is None else 'shuffled'})")
+    print("\n".join(same_share(full)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"points": points, "throughput": speed}, indent=1))
     return 0
