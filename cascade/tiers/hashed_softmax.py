@@ -79,6 +79,11 @@ class HashedSoftmaxTier(Tier):
         self.W = np.zeros((n, k), dtype=dtype)
         # AdaGrad's sums of squared gradients; SGD keeps none (an empty table).
         self.G = np.zeros((n, k) if optimizer == "adagrad" else (0, k), dtype=dtype)
+        # The tables are written at construction (prefault): np.zeros only maps them, and the
+        # first write to each (huge) page would otherwise fault inside the stream's first steps,
+        # with the kernel compacting memory for huge pages there: ISEAR's first pass scattered
+        # its updates 3-5x slower (18 µs instead of 4 per table write). Subclasses prefault theirs.
+        prefault(self.W, self.G)
         self.b = np.zeros(k)
         self.G_b = np.zeros(k)
         self.seen = np.zeros(k, dtype=bool)  # labels learned so far (read only with seen_only)
@@ -250,6 +255,12 @@ class HashedSoftmaxTier(Tier):
             self.seen = seen.copy()
             self._all_seen = bool(seen.all())
         self._pending = None
+
+
+def prefault(*tables: np.ndarray) -> None:
+    """Write every page of ``tables`` once, so that later writes never fault (see the constructor)."""
+    for table in tables:
+        table.fill(0)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 
 from cascade.config import FeatureConfig
 from cascade.snapshots import SnapshotError, array, field
-from cascade.tiers.hashed_softmax import HashedSoftmaxTier
+from cascade.tiers.hashed_softmax import HashedSoftmaxTier, prefault
 
 
 class NblrTier(HashedSoftmaxTier):
@@ -62,6 +62,7 @@ class NblrTier(HashedSoftmaxTier):
         self.counts = np.zeros((n, k) if nb_scaling else (0, k), dtype=np.int32)  # demonstrations of class c holding bucket j
         self.class_totals = np.zeros(k)  # Σ_j counts[j, c]
         self.log_ratio = np.zeros_like(self.counts, dtype=np.float32)  # r_cj without its class's norm
+        prefault(self.counts, self.log_ratio)
         self.vocabulary = 0  # buckets with a count
         self._norm = np.zeros(k)
 
