@@ -9,10 +9,11 @@ among its 40% and 60% most confident events (the ones a deferral policy would le
 answer). Speed: events/s of the batch-1 prequential loop (featurise, score, learn), and of scoring
 batches of 256 with the model the stream left (featurise, score: a tier worker; best of three
 passes, the first of which includes the logistic tier's compiling its weights), each also as a
-ratio to today's river-based logistic tier. Rows:
+ratio to river's logistic tier in the same run. Rows:
 
-- ``logistic``: today's tier (river SoftmaxRegression, AdaGrad, lr 1.0), the baseline;
-- ``np-logistic``: the same model learned in numpy (NblrTier with nb_scaling=False);
+- ``river-logistic``: the logistic tier as it was until issue 18 (river SoftmaxRegression,
+  AdaGrad, lr 1.0; bench/river_logistic.py), the baseline;
+- ``logistic``: today's tier, the same model learned in numpy (cascade/tiers/logistic.py);
 - ``nblr``: NB-weighted logistic (NblrTier, its defaults: AdaGrad lr 0.5, alpha 1).
 """
 
@@ -30,11 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cascade.config import FeatureConfig, TierConfig
-from cascade.messages import Event
-from cascade.tiers.base import Tier
-from cascade.tiers.logistic import LogisticTier
-from cascade.tiers.nblr import NblrTier
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.river_logistic import RiverLogisticTier  # noqa: E402
+from cascade.config import FeatureConfig, LogisticTierConfig  # noqa: E402
+from cascade.messages import Event  # noqa: E402
+from cascade.tiers.base import Tier  # noqa: E402
+from cascade.tiers.logistic import LogisticTier  # noqa: E402
+from cascade.tiers.nblr import NblrTier  # noqa: E402
 
 GPT, LLAMA = "gpt-3.5-turbo-1106", "llama-2-70b-chat"
 STREAMS = [("isear", GPT), ("hatespeech", LLAMA)]  # the pairs the project reports
@@ -44,10 +48,8 @@ SCORE_ROUNDS = 3  # the best of three passes: scoring a stream takes well under 
 CONFIDENT = (0.4, 0.6)
 
 TIERS: dict[str, Callable[[list[str]], Tier]] = {
-    "logistic": lambda labels: LogisticTier(TierConfig(name="logistic"), labels, FeatureConfig()),
-    "np-logistic": lambda labels: NblrTier(
-        "np-logistic", labels, 1.0, FeatureConfig(), learning_rate=1.0, nb_scaling=False
-    ),
+    "river-logistic": lambda labels: RiverLogisticTier(LogisticTierConfig(name="logistic"), labels, FeatureConfig()),
+    "logistic": lambda labels: LogisticTier(LogisticTierConfig(name="logistic"), labels, FeatureConfig()),
     "nblr": lambda labels: NblrTier("nblr", labels, 1.0, FeatureConfig()),
 }
 
@@ -110,7 +112,7 @@ def main() -> int:
         return 0
 
     header = (
-        f"{'stream':<11} {'LLM':<19} {'order':<8} {'tier':<12} {'agree':>6} {'@40%':>6} {'@60%':>6}"
+        f"{'stream':<11} {'LLM':<19} {'order':<8} {'tier':<14} {'agree':>6} {'@40%':>6} {'@60%':>6}"
         f" {'preq ev/s':>10} {'x':>5} {'score256 ev/s':>14} {'x':>5}"
     )
     print(header)
@@ -129,7 +131,7 @@ def main() -> int:
                 res = run(make(labels), events, answers)
                 base = base or res
                 print(
-                    f"{name:<11} {llm:<19} {order:<8} {tier_name:<12} {res.agreement:>6.3f}"
+                    f"{name:<11} {llm:<19} {order:<8} {tier_name:<14} {res.agreement:>6.3f}"
                     + "".join(f" {c:>6.3f}" for c in res.confident)
                     + f" {res.prequential_eps:>10,.0f} {res.prequential_eps / base.prequential_eps:>5.2f}"
                     f" {res.scoring_eps:>14,.0f} {res.scoring_eps / base.scoring_eps:>5.2f}",

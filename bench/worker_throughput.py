@@ -1,6 +1,7 @@
 """Events per second through a tier-1 worker against a pass-through worker on the same broker.
 
     python bench/worker_throughput.py [--data-dir ../shared/data] [--events 20000] [--rounds 2] [--enriched]
+        [--tier logistic|nblr|river-logistic ...]
 
 Both run the same consume → process → produce (acks=all) → commit loop of ``workers/loop.py``
 against a private Tansu broker and the local Redis; the pass-through copies each record to an
@@ -10,12 +11,16 @@ events by the in-process cascade) and produces decisions or deferrals. Rounds al
 so a noisy machine hurts both alike. Target: the tier worker at least 0.5 of pass-through.
 ``--enriched`` adds a third worker to every round, the tier worker with ``output.mode: enriched``
 (the events carry two headers), and its ratio to the tier worker of the same round.
+``--tier`` names the first tier's kind (several: each measured in turn, every round alternating with
+its own pass-through); ``river-logistic`` is the logistic tier as river ran it before issue 18
+(bench/river_logistic.py). Redis: ``CASCADE_TEST_REDIS_URL`` if set, else db 13 of the local one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -23,19 +28,22 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from kafka.consumer.fetcher import ConsumerRecord
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cascade.config import CascadeConfig, OutputConfig, load_config
-from cascade.evaluation.data import LabelledEvent, labels_of, read_stream
-from cascade.learning.registry import publish_stage
-from cascade.logging import configure_logging
-from cascade.routing.cascade import Cascade
-from cascade.state import make_state
-from devtools.services import ensure_redis, start_tansu
-from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush
-from workers.loop import BatchResult, Worker
-from workers.tier_worker import TierWorker
-from workers.topics import Topics
+from kafka.consumer.fetcher import ConsumerRecord  # noqa: E402
+
+from bench import river_logistic  # noqa: E402
+from cascade.config import CascadeConfig, OutputConfig, load_config  # noqa: E402
+from cascade.evaluation.data import LabelledEvent, labels_of, read_stream  # noqa: E402
+from cascade.learning.registry import publish_stage  # noqa: E402
+from cascade.logging import configure_logging  # noqa: E402
+from cascade.routing.cascade import Cascade  # noqa: E402
+from cascade.state import make_state  # noqa: E402
+from devtools.services import ensure_redis, start_tansu  # noqa: E402
+from workers.kafka_io import OutRecord, ensure_topics, make_producer, produce_and_flush  # noqa: E402
+from workers.loop import BatchResult, Worker  # noqa: E402
+from workers.tier_worker import TierWorker  # noqa: E402
+from workers.topics import Topics  # noqa: E402
 
 GPT = "gpt-3.5-turbo-1106"
 
@@ -105,13 +113,17 @@ class Throughput:
 
 
 def measure(rows: list[LabelledEvent], events: int, rounds: int, idle_s: float = 10.0, warm_events: int = 3000,
-            verbose: bool = True, enriched: bool = False) -> Throughput:
-    """Both workers over the same ``events`` records on a private Tansu, ``rounds`` times each."""
+            verbose: bool = True, enriched: bool = False, tier: str = "logistic") -> Throughput:
+    """Both workers over the same ``events`` records on a private Tansu, ``rounds`` times each;
+    the tier worker serves a first tier of kind ``tier``."""
     say = print if verbose else (lambda *_: None)
+    if tier == "river-logistic":
+        river_logistic.register()
     broker = start_tansu(None)
-    redis = ensure_redis("redis://127.0.0.1:6379/13")
+    redis = ensure_redis(os.environ.get("CASCADE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13"))
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     config = load_config(None, task={"labels": sorted(labels_of(rows))}, llm={"name": GPT}, deferral={"mu": 0.3},
+                         tiers=[{"name": tier, "kind": tier}],
                          kafka={"bootstrap_servers": broker.bootstrap_servers, "topic_prefix": prefix, "partitions": 4},
                          redis={"url": redis.url, "key_prefix": prefix}, state={"backend": "redis"})
     try:
@@ -171,20 +183,23 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--enriched", action="store_true", help="also the tier worker with output.mode: enriched")
+    ap.add_argument("--tier", nargs="+", default=["logistic"], help="first tier kind(s): logistic, nblr, river-logistic")
     args = ap.parse_args()
     path = Path(args.data_dir) / "isear.jsonl.gz"
     if not path.exists():
         print(f"SKIP: {path} not found (see ../shared/data/README.md)", file=sys.stderr)
         return 0
     configure_logging("console", "WARNING")
-    t = measure(read_stream(path, shuffle_seed=0), args.events, args.rounds, enriched=args.enriched)
-    print(f"\nbest of {args.rounds}: pass-through {t.passthrough:,.0f} ev/s, tier-1 worker {t.tier:,.0f} ev/s, "
-          f"ratio {t.tier / t.passthrough:.2f} (target >= 0.5)")
-    print(f"per CPU second:  pass-through {t.passthrough_cpu:,.0f}, tier-1 worker {t.tier_cpu:,.0f}, "
-          f"ratio {t.tier_cpu / t.passthrough_cpu:.2f}")
-    if t.enriched_ratio is not None:
-        print(f"enriched output: tier worker enriched / decision, median of rounds: {t.enriched_ratio:.3f} (wall), "
-              f"{t.enriched_cpu_ratio:.3f} (CPU)")
+    rows = read_stream(path, shuffle_seed=0)
+    for tier in args.tier:
+        t = measure(rows, args.events, args.rounds, enriched=args.enriched, tier=tier)
+        print(f"\n{tier}, best of {args.rounds}: pass-through {t.passthrough:,.0f} ev/s, tier-1 worker {t.tier:,.0f} ev/s, "
+              f"ratio {t.tier / t.passthrough:.2f} (target >= 0.5)")
+        print(f"{tier}, per CPU second:  pass-through {t.passthrough_cpu:,.0f}, tier-1 worker {t.tier_cpu:,.0f}, "
+              f"ratio {t.tier_cpu / t.passthrough_cpu:.2f}\n")
+        if t.enriched_ratio is not None:
+            print(f"{tier}, enriched output: tier worker enriched / decision, median of rounds: "
+                  f"{t.enriched_ratio:.3f} (wall), {t.enriched_cpu_ratio:.3f} (CPU)")
     return 0
 
 

@@ -33,6 +33,10 @@ class InvalidEvent(ValueError):
 
 
 _PUNCT_EDGES = re.compile(r"^[\W_]+|[\W_]+$")
+# Answers mapped so far, by their raw text: an LLM answers in a small vocabulary (mostly the
+# labels themselves), and normalising one (NFKC, casefold, a regex) costs more than the rest of
+# mapping it. Bounded, for a free-form LLM whose answers rarely repeat.
+_MAPPED_MAX = 4096
 
 
 def _get_path(payload: Any, path: tuple[str, ...]) -> Any:
@@ -54,6 +58,7 @@ class Task:
         self._lookup.update({self._norm(k): v for k, v in config.label_aliases.items()})
         self._text_path = tuple(config.text_field.split("."))
         self._id_path = tuple(config.id_field.split("."))
+        self._mapped: dict[str, str | None] = {}
 
     @staticmethod
     def _norm(s: str) -> str:
@@ -67,7 +72,12 @@ class Task:
         anything else that is not a string (null, a list, an object) maps to None.
         """
         if isinstance(answer, str):
-            return self._lookup.get(self._norm(answer))
+            if answer in self._mapped:
+                return self._mapped[answer]
+            label = self._lookup.get(self._norm(answer))
+            if len(self._mapped) < _MAPPED_MAX:
+                self._mapped[answer] = label
+            return label
         if isinstance(answer, (bool, int, float)):
             return self._lookup.get(self._norm(json.dumps(answer)))
         return None

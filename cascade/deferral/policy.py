@@ -73,8 +73,12 @@ class DeferralPolicy:
             self._weights = (np.array([w.get(i, 0.0) for i in range(features.shape[1])]), float(self.model.intercept))
         weights, intercept = self._weights
         z = features @ weights + intercept
-        p = 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
-        return np.where(z < -30.0, 0.0, np.where(z > 30.0, 1.0, p))  # river's sigmoid saturates at ±30
+        # np.minimum/np.maximum and masks: np.clip's and np.where's values, at a third of their
+        # cost on the one-event batches of the in-process engine.
+        p = 1.0 / (1.0 + np.exp(-np.minimum(np.maximum(z, -30.0), 30.0)))
+        p[z < -30.0] = 0.0  # river's sigmoid saturates at ±30
+        p[z > 30.0] = 1.0
+        return p
 
     def threshold(self, mu: float, override: float | None = None) -> float:
         """Largest expected disagreement (1 - p) at which the tier still answers."""
@@ -92,7 +96,9 @@ class DeferralPolicy:
     def learn(self, features: np.ndarray, agree: Sequence[bool]) -> None:
         # Explored events are not up-weighted by 1 / exploration rate (inverse propensity): on
         # ISEAR the variance of those weights cost more accuracy than the bias they remove.
-        for row, ok in zip(features, agree):
+        # Python floats (tolist): river's dict arithmetic on them is a third faster than on numpy
+        # scalars, with the same IEEE results.
+        for row, ok in zip(features.tolist(), agree):
             self.model.learn_one(dict(enumerate(row)), bool(ok))
             before = self.adwin.estimation
             self.adwin.update(1.0 if ok else 0.0)

@@ -101,6 +101,10 @@ class Stage:
     def miss_weight(self, probs: np.ndarray, best: np.ndarray) -> np.ndarray:
         """Expected cost of a disagreement: the miss costs of the other labels, weighted by the tier's belief."""
         others = probs.copy()
+        if len(best) == 1:  # the in-process engine's batches: Python scalars, the same IEEE arithmetic
+            others[0, int(best[0])] = 0.0
+            mass, weighted = float(others.sum(axis=1)[0]), float((others @ self.miss_costs)[0])
+            return np.array([weighted / max(mass, 1e-12) if mass > 0 else 1.0])
         others[np.arange(len(best)), best] = 0.0
         mass = others.sum(axis=1)
         weighted = others @ self.miss_costs

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.river_logistic import RiverLogisticTier
 from cascade.config import LogisticTierConfig, OnnxTierConfig
 from cascade.deferral.policy import DeferralPolicy
 from cascade.routing.cascade import Cascade
@@ -62,43 +63,6 @@ def test_snapshot_mismatches_are_refused(trained):
         other.stages[0].tier.restore(stage.tier.snapshot())
 
 
-def test_compiled_batch_scoring_equals_river(trained):
-    from cascade.tiers.logistic import _COMPILE_FROM, CompiledWeights
-
-    tier = copy.deepcopy(trained.stages[0].tier)  # its compiled copy changes below; the fixture is shared
-    events = [e for e, _ in easy_and_hard(_COMPILE_FROM * 3, seed=13)]
-    inputs = list(tier.prepare(events))  # the batch's rows, as river reads them
-    learned = set().union(*(w.keys() for w in tier.model.weights.values()))
-    unlearned = next(b for b in range(2**16) if b not in learned)
-    inputs.append({unlearned: 1.0, -1: 1.0})  # no known feature but the bias: still a distribution
-    tier._compiled = None
-    river = np.vstack([tier.predict_proba([x]) for x in inputs])  # small batches: river, never compiled
-    assert tier._compiled is None
-    compiled = CompiledWeights(tier.model, tier.labels, tier.featurizer.config.n_features, tier.version)
-    assert np.allclose(compiled.predict_proba(inputs), river, atol=1e-12)
-    assert np.allclose(river.sum(axis=1), 1.0)
-
-
-def test_large_batches_compile_once_river_would_have_paid_for_it(trained, monkeypatch):
-    from cascade.tiers import logistic
-
-    monkeypatch.setattr(logistic, "_WEIGHTS_PER_EVENT", 1)  # a dear copy: several batches pay for it
-    tier = copy.deepcopy(trained.stages[0].tier)
-    tier._compiled, tier._last_version = None, -1
-    weights = sum(len(w) for w in tier.model.weights.values())
-    batches_to_pay = -(-weights // logistic._COMPILE_FROM)  # ceil
-    assert batches_to_pay > 1
-    inputs = tier.prepare([e for e, _ in easy_and_hard(logistic._COMPILE_FROM, seed=14)])
-    for _ in range(batches_to_pay - 1):
-        tier.predict_proba(inputs)
-    assert tier._compiled is None
-    tier.predict_proba(inputs)
-    assert tier._compiled is not None and tier._compiled.version == tier.version
-    tier.learn([inputs[0]], ["joy"])  # the copy is stale now: river again until it pays anew
-    tier.predict_proba(inputs)
-    assert tier._compiled.version == tier.version - 1
-
-
 def test_policy_batch_p_agree_equals_river(trained):
     policy = copy.deepcopy(trained.stages[0].policy)  # it learns below; the fixture is shared
     rng = np.random.default_rng(1)
@@ -144,6 +108,12 @@ def onnx_inputs(tier: OnnxTier, n: int, seed: int) -> tuple[list, list[str]]:
         return list(x), [LABELS[i] for i in y]
     ids = [rng.choice(tier.Wn.shape[0], 3, replace=False) + 0 for _ in range(n)]
     return [NgramInput(e, i.astype(np.int64), np.full(3, 0.5, np.float32)) for e, i in zip(x, ids)], [LABELS[i] for i in y]
+
+
+def river_logistic_tier(optimizer: str = "adagrad") -> RiverLogisticTier:
+    """The river tier earlier versions ran: its snapshots are in river's format."""
+    config = LogisticTierConfig(name="logistic", optimizer=optimizer, l2=1e-4)
+    return RiverLogisticTier(config, LABELS, make_config().features)
 
 
 def logistic_data(tier: LogisticTier, n: int, seed: int) -> tuple[list, list[str]]:
@@ -306,10 +276,12 @@ def reencode(blob: bytes, kind: str, change) -> bytes:
 
 def test_refused_restores_change_nothing(trained):
     tier, policy = copy.deepcopy(trained.stages[0].tier), copy.deepcopy(trained.stages[0].policy)
-    other_tier, other_policy = logistic_tier(), new_policy()
+    other_tier, river_tier, other_policy = logistic_tier(), river_logistic_tier(), new_policy()
     other_tier.learn(*logistic_data(other_tier, 50, seed=5))
+    river_tier.learn(*logistic_data(river_tier, 50, seed=5))
     other_policy.learn(*policy_data(50, seed=5))
-    good_tier, good_policy = other_tier.snapshot(), other_policy.snapshot()
+    # good_tier: river's format, which a restore converts; good_numpy: the tier's own.
+    good_tier, good_numpy, good_policy = river_tier.snapshot(), other_tier.snapshot(), other_policy.snapshot()
     before = tier.snapshot(), tier.version, policy.snapshot(), policy.version
 
     def last_optimizer_bad(state):  # refused only after the first label's weights were read
@@ -321,6 +293,11 @@ def test_refused_restores_change_nothing(trained):
         reencode(good_tier, "logistic", lambda s: s["model"]["classes"][0].update(label="anger")),
         reencode(good_tier, "logistic", lambda s: s["model"]["classes"][0]["weights"].update(keys=np.array([2**40]))),
         reencode(good_tier, "logistic", lambda s: s["model"]["classes"][0]["weights"].update(values=np.zeros(1))),
+        reencode(good_tier, "logistic", lambda s: s["model"]["classes"][-1]["optimizer"].update(lr=0.5)),
+        reencode(good_numpy, "logistic", lambda s: s["model"].update(n_features=2**10)),
+        reencode(good_numpy, "logistic", lambda s: s["model"].update(buckets=s["model"]["buckets"] + 2**30)),
+        reencode(good_numpy, "logistic", lambda s: s["model"].update(adagrad=s["model"]["adagrad"][:-1])),
+        reencode(good_numpy, "logistic", lambda s: s["model"].pop("seen")),
     ]
     bad_policy = [
         reencode(good_policy, "deferral", lambda s: s.update(drifts=-1)),
@@ -354,12 +331,15 @@ def good_snapshots() -> dict[str, tuple[bytes, Any]]:
         t.learn(x, y)
         probes[name] = x[:5]
     policy.learn(*policy_data(60, seed=6))
-    blobs = {"logistic": tier.snapshot(), "onnx": onnx_plain.snapshot(), "onnx_ngrams": onnx_ngrams.snapshot(),
-             "deferral": policy.snapshot()}
+    river = river_logistic_tier()  # river's format: converted by the numpy tier's restore
+    river.learn(*logistic_data(river, 60, seed=3))
+    probes["logistic_river"] = probes["logistic"]
+    blobs = {"logistic": tier.snapshot(), "logistic_river": river.snapshot(), "onnx": onnx_plain.snapshot(),
+             "onnx_ngrams": onnx_ngrams.snapshot(), "deferral": policy.snapshot()}
     return {name: (blobs[name], probes.get(name, PROBE)) for name in blobs}
 
 
-TARGETS = {"logistic": logistic_tier, "onnx": lambda: onnx_tier(0), "onnx_ngrams": lambda: onnx_tier(16), "deferral": new_policy}
+TARGETS = {"logistic": logistic_tier, "logistic_river": logistic_tier, "onnx": lambda: onnx_tier(0), "onnx_ngrams": lambda: onnx_tier(16), "deferral": new_policy}
 
 
 def restore_or_refuse(name: str, blob: bytes) -> None:
