@@ -405,6 +405,9 @@ class BudgetConfig(_Section):
     tokens_per_day: int | None = Field(None, gt=0)
     money_per_day: float | None = Field(None, gt=0)
     on_exhausted: Literal["cheap_tier", "hold"] = "cheap_tier"
+    pace: bool = Field(
+        True, description="spread each window's budget over the window instead of letting it be spent at its start"
+    )
     fail_closed: bool = Field(False, description="refuse LLM calls when the budget store is unreachable")
     scope: str | None = Field(
         None, description="a named budget shared on purpose by every pipeline that names it; None: the pipeline's own"

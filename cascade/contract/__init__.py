@@ -5,7 +5,6 @@ Pure algorithms (numpy + stdlib + river), no Kafka or Redis; the engine wires th
 * :mod:`cascade.contract.audit` - which cheap answers are also asked of the LLM (a hash draw).
 * :mod:`cascade.contract.estimator` - anytime-valid lower bound on the agreement of delivered answers.
 * :mod:`cascade.contract.controller` - per-tier deferral thresholds that hold the contract.
-* :mod:`cascade.contract.pacing` - spreads a per-window LLM budget over the window.
 """
 
 from cascade.contract.audit import AuditSampler
@@ -16,14 +15,12 @@ from cascade.contract.estimator import (
     BettingLowerBound,
     TierEstimate,
 )
-from cascade.contract.pacing import BudgetPacer
 
 __all__ = [
     "AgreementEstimate",
     "AgreementEstimator",
     "AuditSampler",
     "BettingLowerBound",
-    "BudgetPacer",
     "ContractController",
     "ControlOutput",
     "TierEstimate",

@@ -1,14 +1,17 @@
 """Server-side scripts: each runs atomically in Redis, so concurrent workers cannot interleave."""
 
+from cascade.state.records import PACE_BURST_SHARE
+
 # Budget take / charge over fixed windows for a batch of requests, in order.
-# ARGV: key prefix, mode ('take' | 'charge'), W, then W x (name, seconds, limit, metric),
+# ARGV: key prefix, mode ('take' | 'charge'), W, then W x (name, seconds, limit, metric, paced),
 #       then T tenant names, then the requests as one string
 #       "tenant_index,calls,tokens,money;..." (tenant_index is 1-based into the tenant names).
 # Returns one string "denied,remaining_1,...,remaining_W;..." per request in order, where
 # denied is 0 or the 1-based index of the exhausted window. (One packed string in, one out:
 # with hundreds of tiny arguments and replies, redis-py's packing and parsing cost more than
 # the script itself.)
-# Windows come from the server's clock, so every worker agrees on where a window ends.
+# Windows come from the server's clock, so every worker agrees on where a window ends. A paced
+# window refuses a take above its cap at this point of the window (BudgetLimit.paced_cap's twin).
 BUDGET = """
 pcall(redis.replicate_commands)
 local t = redis.call('TIME')
@@ -19,10 +22,17 @@ local i = 4
 for w = 1, W do
   local seconds = tonumber(ARGV[i + 1])
   local wid = math.floor(now / seconds)
-  wins[w] = {limit = tonumber(ARGV[i + 2]), metric = ARGV[i + 3],
+  local limit, metric = tonumber(ARGV[i + 2]), ARGV[i + 3]
+  local cap = limit
+  if ARGV[i + 4] == '1' then
+    local burst = PACE_BURST_SHARE * limit
+    if metric == 'calls' then burst = math.max(burst, 1) end
+    cap = math.min(limit, limit * (now - wid * seconds) / seconds + burst)
+  end
+  wins[w] = {limit = limit, cap = cap, metric = metric,
              suffix = ':' .. ARGV[i] .. ':' .. string.format('%d', wid),
              expire_at = string.format('%d', (wid + 1) * seconds + 1)}
-  i = i + 4
+  i = i + 5
 end
 local tenants = {}
 for j = i, #ARGV - 1 do tenants[#tenants + 1] = ARGV[j] end
@@ -41,7 +51,7 @@ for ti, calls, tokens, money in string.gmatch(ARGV[#ARGV], '(%d+),([^,;]+),([^,;
     fresh[w] = not raw
     used[w] = tonumber(raw or '0')
     local a = tonumber(amount[slot[win.metric]])
-    if mode == 'take' and denied == 0 and (used[w] >= win.limit or used[w] + a > win.limit) then
+    if mode == 'take' and denied == 0 and (used[w] >= win.limit or used[w] + a > win.cap) then
       denied = w
     end
   end
@@ -65,7 +75,7 @@ for ti, calls, tokens, money in string.gmatch(ARGV[#ARGV], '(%d+),([^,;]+),([^,;
   out[#out + 1] = table.concat(rec, ',')
 end
 return table.concat(out, ';')
-"""
+""".replace("PACE_BURST_SHARE", repr(PACE_BURST_SHARE))
 
 # Publish a snapshot: store it, make it current, keep the newest K (never the current one), notify.
 # KEYS: current hash, versions zset, meta hash. ARGV: name, version, blob, meta json, keep,

@@ -140,7 +140,8 @@ class MemoryState(StateStore):
             keys.append((key, (wid + 1) * lim.seconds + 1))
             used.append(cur)
             a = amounts[lim.metric]
-            if check and denied is None and (cur >= lim.limit or cur + a > lim.limit):
+            cap = lim.paced_cap(now - wid * lim.seconds) if lim.paced else lim.limit
+            if check and denied is None and (cur >= lim.limit or cur + a > cap):
                 denied = lim.name
         if denied is None:
             for i, lim in enumerate(limits):

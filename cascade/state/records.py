@@ -102,12 +102,28 @@ class LoadedSet(NamedTuple):
 
 
 class BudgetLimit(Record):
-    """One fixed window: at most ``limit`` of ``metric`` per ``seconds`` (windows align to the epoch)."""
+    """One fixed window: at most ``limit`` of ``metric`` per ``seconds`` (windows align to the epoch).
+
+    ``paced``: the window's budget is spread over it. At ``elapsed`` seconds into the window at most
+    ``paced_cap`` of it may be spent: its share of the budget so far plus a small burst. When demand
+    exceeds the budget the spend follows that line, so it is neither used up in the first seconds nor
+    left over at the end; spending less early leaves more to spend later."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # named in BudgetTake.reason when exhausted
     metric: BudgetMetric
     seconds: int = Field(gt=0)
     limit: float = Field(gt=0)
+    paced: bool = False
+
+    def paced_cap(self, elapsed: float) -> float:
+        """What may have been spent ``elapsed`` seconds into the window (the Lua script's twin)."""
+        burst = max(PACE_BURST_SHARE * self.limit, 1.0 if self.metric == "calls" else 0.0)
+        return min(self.limit, self.limit * elapsed / self.seconds + burst)
+
+
+# A paced window's burst: 1% of its budget (at least one call), so calls arriving at random are not
+# refused for being a moment early.
+PACE_BURST_SHARE = 0.01
 
 
 def limits_from_config(cfg: BudgetConfig) -> list[BudgetLimit]:
@@ -119,7 +135,7 @@ def limits_from_config(cfg: BudgetConfig) -> list[BudgetLimit]:
         ("tokens_per_day", "tokens", 86400, cfg.tokens_per_day),
         ("money_per_day", "money", 86400, cfg.money_per_day),
     ]
-    return [BudgetLimit(name=n, metric=m, seconds=s, limit=v) for n, m, s, v in spec if v is not None]
+    return [BudgetLimit(name=n, metric=m, seconds=s, limit=v, paced=cfg.pace) for n, m, s, v in spec if v is not None]
 
 
 class BudgetRequest(NamedTuple):

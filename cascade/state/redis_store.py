@@ -225,7 +225,7 @@ class RedisState(StateStore):
         """Script arguments; see ``lua.BUDGET`` for the packed request format."""
         args: list[Any] = [self.keys.budget, mode, len(limits)]
         for lim in limits:
-            args += [lim.name, lim.seconds, repr(float(lim.limit)), lim.metric]
+            args += [lim.name, lim.seconds, repr(float(lim.limit)), lim.metric, 1 if lim.paced else 0]
         tenants: dict[str, int] = {}
         packed = []
         for r in requests:

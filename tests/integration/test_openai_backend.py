@@ -203,7 +203,7 @@ def test_budget_stops_calls(proxy: CountingProxy, state: str, request: pytest.Fi
         url = request.getfixturevalue("redis_url")
         extra["redis"] = {"url": url, "key_prefix": f"test-openai-budget-{time.time_ns()}:"}
     # An hour window (windows align to the clock): a minute one could roll over between the batches.
-    w = LLMWorker(config(proxy.url, budget={"calls_per_hour": 3}, **extra), metrics_port=0)
+    w = LLMWorker(config(proxy.url, budget={"calls_per_hour": 3, "pace": False}, **extra), metrics_port=0)
     try:
         result = w.process(records(7))
         decisions = [Decision.model_validate(d) for d in outputs(result, "decisions")]

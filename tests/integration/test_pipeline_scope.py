@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 def config(redis_url: str, root: str, pipeline: str | None, prefix: str = "cascade.", **budget):
     return load_config(None, pipeline=pipeline, kafka={"topic_prefix": prefix}, redis={"url": redis_url, "key_prefix": root},
-                       state={"backend": "redis"}, budget={"calls_per_day": 3, **budget}, server={"metrics_port": 0})
+                       state={"backend": "redis"}, budget={"calls_per_day": 3, "pace": False, **budget}, server={"metrics_port": 0})
 
 
 def test_pipeline_defaults_to_the_topic_prefix():

@@ -125,7 +125,7 @@ def test_budget_is_exact_under_thread_concurrency(make_store: StoreFactory) -> N
 
 
 def test_budget_windows_all_or_nothing_and_rollover(make_store: StoreFactory) -> None:
-    s = make_store(budget=BudgetConfig(calls_per_day=10**6, money_per_day=1.0))
+    s = make_store(budget=BudgetConfig(calls_per_day=10**6, money_per_day=1.0, pace=False))
     assert s.take_budget("t", money=0.75).allowed
     t = s.take_budget("t", money=0.5)
     assert not t.allowed and t.reason == "money_per_day"
@@ -139,6 +139,19 @@ def test_budget_windows_all_or_nothing_and_rollover(make_store: StoreFactory) ->
     assert [s.take_budget("r", limits=lims).allowed for _ in range(3)] == [True, True, False]
     sleep_to_next_second()
     assert s.take_budget("r", limits=lims).allowed
+
+
+def test_paced_budget_refuses_a_burst_at_the_start_of_a_window(make_store: StoreFactory) -> None:
+    """The script's pacing agrees with BudgetLimit.paced_cap: a burst just after a window starts
+    gets its share of the window so far plus the burst, not the whole window."""
+    s = make_store()
+    paced = [BudgetLimit(name="paced", metric="calls", seconds=4, limit=400, paced=True)]
+    hard = [BudgetLimit(name="hard", metric="calls", seconds=4, limit=400)]
+    time.sleep(4.02 - time.time() % 4.0)  # just after a 4-second boundary
+    allowed = sum(t.allowed for t in s.take_budgets([BudgetRequest("p")] * 400, limits=paced))
+    cap = paced[0].paced_cap(time.time() % 4.0)  # the window's cap after the script ran
+    assert 1 <= allowed <= cap + 1e-9 < 400
+    assert all(t.allowed for t in s.take_budgets([BudgetRequest("h")] * 400, limits=hard))
 
 
 def sleep_to_next_second() -> None:

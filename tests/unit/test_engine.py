@@ -211,7 +211,7 @@ def test_repeated_input_is_answered_from_the_cache_before_any_tier():
 
 def test_exhausted_budget_keeps_the_cheap_answer_and_says_so():
     config = make_config(warmup=20).model_copy(
-        update={"budget": make_config().budget.model_copy(update={"calls_per_minute": 30})}
+        update={"budget": make_config().budget.model_copy(update={"calls_per_minute": 30, "pace": False})}
     )
     cascade = Cascade(config)
     outcomes = run(cascade, easy_and_hard(100, seed=8))

@@ -24,7 +24,7 @@ def deferred(i: int, warm: bool = True) -> Rec:
 
 def worker(on_exhausted: str) -> LLMWorker:
     config = load_config(None, task={"labels": ["fear", "joy"]}, llm={"name": LLM},
-                         budget={"calls_per_hour": 5, "on_exhausted": on_exhausted})
+                         budget={"calls_per_hour": 5, "on_exhausted": on_exhausted, "pace": False})
     return LLMWorker(config, metrics_port=0)
 
 

@@ -121,9 +121,33 @@ def test_budget_unlimited_without_windows(clock: Clock) -> None:
         s.take_budget(calls=-1)
 
 
+def test_paced_budget_spreads_a_window_over_it_and_leaves_little_unspent(clock: Clock) -> None:
+    """Demand at twice the budget, arriving evenly: the spend follows the window's line (never
+    above its share so far plus the burst), and next to nothing is left when the window ends."""
+    clock.t = 3600 * 1000  # a window boundary
+    s = MemoryState(budget=BudgetConfig(calls_per_hour=600), clock=clock)
+    spent, worst_lead = 0, 0.0
+    for i in range(1200):  # one request every 3 s
+        clock.t = 3600 * 1000 + 3 * i
+        spent += s.take_budget("t").allowed
+        worst_lead = max(worst_lead, spent - 600 * (3 * i) / 3600)
+    assert 594 <= spent <= 600  # under 1% unspent
+    assert worst_lead <= 6  # the burst: 1% of the budget
+
+
+def test_paced_budget_refuses_a_burst_at_the_start_of_a_window(clock: Clock) -> None:
+    clock.t = 60 * 1000  # a minute boundary
+    paced = MemoryState(budget=BudgetConfig(calls_per_minute=60), clock=clock)
+    hard = MemoryState(budget=BudgetConfig(calls_per_minute=60, pace=False), clock=clock)
+    assert sum(paced.take_budget("t").allowed for _ in range(60)) == 1
+    assert sum(hard.take_budget("t").allowed for _ in range(60)) == 60
+    clock.t += 30  # half the window: half the budget
+    assert sum(paced.take_budget("t").allowed for _ in range(60)) == 30
+
+
 def test_budget_window_limit_and_rollover(clock: Clock) -> None:
     clock.t = 60 * 1000 + 1  # just after a minute boundary
-    s = MemoryState(budget=BudgetConfig(calls_per_minute=3), clock=clock)
+    s = MemoryState(budget=BudgetConfig(calls_per_minute=3, pace=False), clock=clock)
     takes = [s.take_budget("t") for _ in range(5)]
     assert [t.allowed for t in takes] == [True, True, True, False, False]
     assert takes[2].remaining == {"calls_per_minute": 0} and takes[3].reason == "calls_per_minute"
@@ -137,7 +161,7 @@ def test_budget_window_limit_and_rollover(clock: Clock) -> None:
 
 
 def test_budget_all_or_nothing_across_windows(clock: Clock) -> None:
-    s = MemoryState(budget=BudgetConfig(calls_per_minute=10, calls_per_day=2), clock=clock)
+    s = MemoryState(budget=BudgetConfig(calls_per_minute=10, calls_per_day=2, pace=False), clock=clock)
     assert s.take_budget().allowed and s.take_budget().allowed
     denied = s.take_budget()
     assert not denied.allowed and denied.reason == "calls_per_day"
@@ -146,7 +170,7 @@ def test_budget_all_or_nothing_across_windows(clock: Clock) -> None:
 
 
 def test_budget_tokens_and_money_are_charged_after_the_call(clock: Clock) -> None:
-    s = MemoryState(budget=BudgetConfig(tokens_per_day=100, money_per_day=1.0), clock=clock)
+    s = MemoryState(budget=BudgetConfig(tokens_per_day=100, money_per_day=1.0, pace=False), clock=clock)
     assert s.take_budget().allowed
     s.charge(tokens=60, money=0.4)
     assert s.take_budget().allowed
@@ -155,7 +179,7 @@ def test_budget_tokens_and_money_are_charged_after_the_call(clock: Clock) -> Non
     assert not t.allowed and t.reason == "tokens_per_day"
     assert t.remaining["tokens_per_day"] == -20 and t.remaining["money_per_day"] == pytest.approx(0.5)
     # A take that brings its own estimate is refused when it would not fit.
-    s2 = MemoryState(budget=BudgetConfig(money_per_day=1.0), clock=clock)
+    s2 = MemoryState(budget=BudgetConfig(money_per_day=1.0, pace=False), clock=clock)
     assert s2.take_budget(money=0.6).allowed
     assert s2.take_budget(money=0.6).reason == "money_per_day"
     assert s2.take_budget(money=0.4).allowed
