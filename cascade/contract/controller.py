@@ -14,9 +14,12 @@ from a recent sample of (risk, 1 - p_agree) per tier the controller *predicts* a
 disagreement for any ``lam`` and picks, by bisection, the loosest one meeting the target:
 
 * **Calibration** ``kappa_t`` = audited disagreements / the policy's predicted disagreement on the
-  same audits (last ``calibration_audits`` audits, prior 1/1). The audits are a uniform sample of
-  what the tier answers (:mod:`cascade.contract.audit`), so this corrects the policy's bias where
-  the tier answers; beyond the current threshold it extrapolates the policy's ``p`` scaled by
+  same audits (last ``calibration_audits`` audits, prior ``calibration_prior``/1: a young tier is
+  taken to disagree three times as often as its policy predicts until audits show otherwise -
+  with the even prior 1/1, isear's first 2,000 events ran at 0.87-0.88 agreement while too few
+  audits had come in to show it, and 7 of 20 shuffled runs ended under a 0.95 target). The
+  audits are a uniform sample of what the tier answers (:mod:`cascade.contract.audit`), so this
+  corrects the policy's bias where the tier answers; beyond the current threshold it extrapolates the policy's ``p`` scaled by
   ``kappa_t`` - the feedback below catches what that misses.
 * **Margin** for the guarantee: the contract is that the windowed *lower confidence bound*
   (:mod:`cascade.contract.estimator`) stays ``>= min_agreement``, so the predicted agreement aims
@@ -129,6 +132,7 @@ class ContractController:
         calibration_audits: int = 2000,
         margin_cap: float | None = None,
         cooldown_audits: int = 250,
+        calibration_prior: float = 3.0,
         loosen_halflife: float = 2000.0,
         drift_delta: float = 0.002,
         exploration_base: float = 0.5,
@@ -150,6 +154,7 @@ class ContractController:
         # Default: half the disagreement the target allows.
         self.margin_cap = margin_cap if margin_cap is not None else 0.5 * (1.0 - (min_agreement or 0.0))
         self.cooldown_audits = cooldown_audits
+        self.calibration_prior = calibration_prior
         self.loosen_halflife = loosen_halflife
         self.drift_delta = drift_delta
         self.exploration_base = exploration_base
@@ -209,7 +214,7 @@ class ContractController:
     # -- prediction -----------------------------------------------------------------------
     def calibration(self, tier: str) -> float:
         rows = self.audits[tier].rows()
-        return (1.0 + float(rows[:, 1].sum())) / (1.0 + float(rows[:, 0].sum()))
+        return (self.calibration_prior + float(rows[:, 1].sum())) / (1.0 + float(rows[:, 0].sum()))
 
     def _curves(self) -> list[tuple[str, np.ndarray, np.ndarray, float, float]]:
         """Per tier with scores: sorted risks, prefix sums of 1 - p in that order, kappa, cost."""
@@ -348,6 +353,7 @@ class ContractController:
                 "calibration_audits": self.calibration_audits,
                 "margin_cap": self.margin_cap,
                 "cooldown_audits": self.cooldown_audits,
+                "calibration_prior": self.calibration_prior,
                 "loosen_halflife": self.loosen_halflife,
                 "drift_delta": self.drift_delta,
                 "exploration_base": self.exploration_base,
