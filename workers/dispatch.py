@@ -80,8 +80,8 @@ class Watermarks:
     def finish(self, tp: TopicPartition, offset: int) -> None:
         """Mark one offset finished (ignored for partitions forgotten since, see :meth:`forget`)."""
         opened = self._open.get(tp)
-        if opened is None:
-            return
+        if not opened or offset < opened[0]:
+            return  # a partition forgotten since, or an offset finished already
         done = self._done[tp]
         done.add(offset)
         while opened and opened[0] in done:
@@ -283,6 +283,10 @@ class ContinuousDispatch:
         self.in_flight: set[Job] = set()
         self.unacked: set[Future[None]] = set()
         self.revoked: set[TopicPartition] = set()  # until the next assignment: nothing of theirs starts
+        self.orphans: set[Job] = set()  # in flight when their partition was revoked: dropped on return
+        # Revoked partitions' watermarks: kafka-python 3 keeps the fetch position of a partition
+        # assigned again in the same rebalance, past the records dropped here; it is sought back.
+        self.rewind: dict[TopicPartition, int] = {}
         self.events: queue.SimpleQueue[_Called | _Recorded] = queue.SimpleQueue()
         self.pending = _Group(BatchResult(), [])  # outputs of this round, produced together
         self._lock = threading.RLock()
@@ -310,7 +314,8 @@ class ContinuousDispatch:
                 self._flow_control(consumer)
                 busy = self._busy()
                 room = max(1, self.window - self.marks.unfinished())
-                records = poll_records(consumer, timeout_ms=0 if busy else int(POLL_INTERVAL_S * 1000), max_records=room)
+                records = self._rewound(consumer, poll_records(
+                    consumer, timeout_ms=0 if busy else int(POLL_INTERVAL_S * 1000), max_records=room))
                 if consumer.assignment() != assignment:
                     assignment = set(consumer.assignment())
                     last_work = time.monotonic()
@@ -337,6 +342,19 @@ class ContinuousDispatch:
                 w.control()
                 self._gauges()
         self._finish(consumer, STOP_WAIT_S)
+
+    def _rewound(self, consumer: KafkaConsumer, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
+        """Seek partitions kept through a rebalance back to their watermark; their records from
+        this poll are dropped (fetched again from there)."""
+        with self._lock:
+            rewind, self.rewind = self.rewind, {}
+        if not rewind:
+            return records
+        owned = consumer.assignment()
+        for tp, offset in rewind.items():
+            if tp in owned:
+                consumer.seek(tp, offset)
+        return [r for r in records if _offset_of(r)[0] not in rewind]
 
     def _busy(self) -> bool:
         return bool(self.arrived or self.ready or self.in_flight or self.timers or self.unacked)
@@ -420,8 +438,8 @@ class ContinuousDispatch:
 
     def _called(self, job: Job, outcome: LLMAnswer | LLMError) -> None:
         self.in_flight.discard(job)
-        if job.partition in self.revoked:
-            self.llm.drop_call(job)  # its partition moved on: the new owner decides it
+        if job in self.orphans:
+            self.orphans.discard(job)  # dropped when its partition was revoked: the new owner decides it
             return
         if isinstance(outcome, LLMError):
             if outcome.reason == THROTTLED:
@@ -517,6 +535,15 @@ class ContinuousDispatch:
             ):
                 self._flush()
                 self._handle_events(min(0.05, max(0.0, deadline - time.monotonic())))
+            # Still running: given up now (budget refunded, the id free to be admitted again,
+            # whoever owns the partition next), and ignored when they return.
+            for job in [j for j in self.in_flight if j.partition in partitions]:
+                self.orphans.add(job)
+                self.llm.drop_call(job)
+            for tp in partitions:
+                mark = self.marks.watermark(tp)
+                if mark is not None:
+                    self.rewind[tp] = mark
             self.marks.forget(partitions)
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
