@@ -20,6 +20,7 @@ import json
 import math
 import random
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,16 +68,27 @@ class Settings:
 @dataclass
 class Stats:
     requests: int = 0
-    answered: int = 0
+    answered: int = 0  # completed with an answer
     throttled: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
-    latency_sum_s: float = 0.0
+    latency_sum_s: float = 0.0  # of the answered calls
+    latencies: list[float] = field(default_factory=list)  # of the answered calls, in completion order
 
     def as_dict(self) -> dict[str, float]:
         mean = self.latency_sum_s / self.answered if self.answered else 0.0
         return {"requests": self.requests, "answered": self.answered, "throttled": self.throttled,
                 "in_flight": self.in_flight, "max_in_flight": self.max_in_flight, "mean_latency_s": mean}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Quiet about clients that went away mid-answer (a killed worker); loud about the rest."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class FakeLLM:
@@ -87,9 +99,7 @@ class FakeLLM:
         self.stats = Stats()
         self.lock = threading.Lock()
         self.rng = random.Random(settings.seed)
-        self.server = ThreadingHTTPServer((host, port), _handler(self))
-        self.server.daemon_threads = True
-        self.server.request_queue_size = 1024
+        self.server = _Server((host, port), _handler(self))
         self._thread = threading.Thread(target=self.server.serve_forever, name="fake-llm", daemon=True)
 
     @property
@@ -129,15 +139,16 @@ class FakeLLM:
             delay = s.latency.sample(self.rng) * s.scale
             if s.slow_marker and s.slow_marker in text:
                 delay = s.slow_s
-            self.stats.answered += 1
-            self.stats.latency_sum_s += delay
             self.stats.in_flight += 1
             self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         return False, delay
 
-    def done(self) -> None:
+    def done(self, delay: float) -> None:
         with self.lock:
             self.stats.in_flight -= 1
+            self.stats.answered += 1
+            self.stats.latency_sum_s += delay
+            self.stats.latencies.append(delay)
 
 
 def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
@@ -190,7 +201,7 @@ def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
                     "usage": {"prompt_tokens": len(text) // 4 + 20, "completion_tokens": 6},
                 })
             finally:
-                fake.done()
+                fake.done(delay)
 
     return Handler
 
