@@ -1,7 +1,7 @@
 """A fake OpenAI-compatible chat-completions server (stdlib only) with realistic latency.
 
 Latency follows a lognormal body fitted to a p50 and a p95, with a steeper lognormal tail through
-the p99 (one lognormal cannot have p50 0.8 s, p95 3 s and p99 8 s at once). Each request is
+the p99 (one lognormal cannot have p50 0.8 s, p95 3 s and p99 8 s at once), capped at 20 s. Each request is
 answered after its latency on its own thread, so many calls overlap. Optionally a share of the
 requests gets 429 with a Retry-After. The answer is a label of the task, chosen from the text (so
 the same text always gets the same label): a label named in the text, else a hash of the text.
@@ -33,17 +33,19 @@ _Z99 = NormalDist().inv_cdf(0.99)
 
 @dataclass
 class Latency:
-    """Quantile-matched latency: lognormal through p50 and p95, a steeper one above p95 through p99."""
+    """Quantile-matched latency: lognormal through p50 and p95, a steeper one above p95 through p99,
+    capped at ``max_s`` (the steep tail would reach minutes by p99.99; real endpoints time out)."""
 
     p50_s: float = 0.8
     p95_s: float = 3.0
     p99_s: float = 8.0
+    max_s: float = 20.0
 
     def at(self, z: float) -> float:
         """The latency at standard-normal quantile ``z``."""
         if z <= _Z95:
             return self.p50_s * math.exp(math.log(self.p95_s / self.p50_s) / _Z95 * z)
-        return self.p95_s * math.exp(math.log(self.p99_s / self.p95_s) / (_Z99 - _Z95) * (z - _Z95))
+        return min(self.max_s, self.p95_s * math.exp(math.log(self.p99_s / self.p95_s) / (_Z99 - _Z95) * (z - _Z95)))
 
     def sample(self, rng: random.Random) -> float:
         return self.at(rng.gauss(0.0, 1.0))

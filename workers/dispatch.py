@@ -28,12 +28,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import TopicPartition
 
 from cascade.logging import get_logger
@@ -245,8 +246,12 @@ class _Called:
 
 @dataclass
 class _Recorded:
-    future: Future[None]
+    """Groups acknowledged and recorded (or the error that stopped it)."""
+
+    groups: int
     offsets: list[tuple[TopicPartition, int]]
+    after_produce: list[Callable[[], None]]
+    error: BaseException | None = None
 
 
 def _offset_of(rec: ConsumerRecord) -> tuple[TopicPartition, int]:
@@ -262,9 +267,9 @@ class ContinuousDispatch:
 
     ADMIT_GROUP = 32  # records per duplicate check and budget take
 
-    def __init__(self, worker: LLMWorker, producer: KafkaProducer, admitter: Dispatcher | None = None) -> None:
+    def __init__(self, worker: LLMWorker, producer: KafkaProducer) -> None:
         self.worker = worker
-        self.llm: Dispatcher = admitter or worker
+        self.llm: Dispatcher = worker
         self.producer = producer
         cfg = worker.config.llm
         self.window = cfg.window
@@ -281,7 +286,8 @@ class ContinuousDispatch:
         self.ready: deque[Job] = deque()  # admitted, waiting for a slot
         self.timers: RetryTimers[Job] = RetryTimers()
         self.in_flight: set[Job] = set()
-        self.unacked: set[Future[None]] = set()
+        self.to_record: queue.SimpleQueue[tuple[list[FutureRecordMetadata], _Group]] = queue.SimpleQueue()
+        self.unacked = 0  # groups produced, not recorded yet
         self.revoked: set[TopicPartition] = set()  # until the next assignment: nothing of theirs starts
         self.orphans: set[Job] = set()  # in flight when their partition was revoked: dropped on return
         # Revoked partitions' watermarks: kafka-python 3 keeps the fetch position of a partition
@@ -290,8 +296,6 @@ class ContinuousDispatch:
         self.events: queue.SimpleQueue[_Called | _Recorded] = queue.SimpleQueue()
         self.pending = _Group(BatchResult(), [])  # outputs of this round, produced together
         self._lock = threading.RLock()
-        self.consumer: KafkaConsumer | None = None
-        self.paused: set[TopicPartition] = set()
 
     # ------------------------------------------------------------------ the loop
 
@@ -300,7 +304,6 @@ class ContinuousDispatch:
 
     def serve(self, consumer: KafkaConsumer, max_idle_s: float | None = None) -> None:
         """Until the worker stops (or nothing happened for ``max_idle_s``)."""
-        self.consumer = consumer
         w = self.worker
         last_poll = last_commit = 0.0
         last_work = time.monotonic()
@@ -340,7 +343,7 @@ class ContinuousDispatch:
                 last_commit = time.monotonic()
                 self._commit(consumer)
                 w.control()
-                self._gauges()
+                self._gauges(consumer)
         self._finish(consumer, STOP_WAIT_S)
 
     def _rewound(self, consumer: KafkaConsumer, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
@@ -431,8 +434,11 @@ class ContinuousDispatch:
         if isinstance(event, _Called):
             self._called(event.job, event.outcome)
             return
-        self.unacked.discard(event.future)
-        event.future.result()  # a failed produce stops the worker: nothing of it is committed
+        self.unacked -= event.groups
+        if event.error is not None:
+            raise event.error  # a failed produce stops the worker: nothing of it is committed
+        for step in event.after_produce:
+            step()
         for tp, offset in event.offsets:
             self.marks.finish(tp, offset)
 
@@ -453,7 +459,12 @@ class ContinuousDispatch:
                 return
         else:
             self.limit.succeeded()
-        self._add_outputs(self.llm.settle_call(job, outcome), [_offset_of(job.record)])
+        try:
+            result = self.llm.settle_call(job, outcome)
+        except Exception as e:  # this event's failure only: dead-lettered, the worker goes on
+            self.llm.drop_call(job)
+            result = self.worker._failed(job.record, e)
+        self._add_outputs(result, [_offset_of(job.record)])
 
     def _add_outputs(self, result: BatchResult, offsets: Sequence[tuple[TopicPartition, int]]) -> None:
         self.pending.result.extend(result)
@@ -465,33 +476,46 @@ class ContinuousDispatch:
         group, self.pending = self.pending, _Group(BatchResult(), [])
         if not group.offsets and not group.result.records:
             return
-        futures = send_records(self.producer, group.result.records)
-        future = self.recorder.submit(self._record, futures, group.result)
-        self.unacked.add(future)
-        future.add_done_callback(lambda f: self.events.put(_Recorded(f, group.offsets)))
+        self.to_record.put((send_records(self.producer, group.result.records), group))
+        self.unacked += 1
+        self.recorder.submit(self._record_waiting)
 
-    @staticmethod
-    def _record(futures: list, result: BatchResult) -> None:
-        await_acks(futures)
-        for step in result.on_ack:
-            step()
-        for step in result.after_produce:
-            step()
+    def _record_waiting(self) -> None:
+        """On the recorder thread: every group produced so far, acknowledgements awaited together
+        (one group at a time, the ack round trips would queue behind each other), recorded in order."""
+        batch = []
+        while True:
+            try:
+                batch.append(self.to_record.get_nowait())
+            except queue.Empty:
+                break
+        if not batch:
+            return  # taken by the previous run
+        groups = [g for _, g in batch]
+        done = _Recorded(len(groups), [o for g in groups for o in g.offsets],
+                         [step for g in groups for step in g.result.after_produce])
+        try:
+            await_acks([f for futures, _ in batch for f in futures])
+            for g in groups:
+                for step in g.result.on_ack:
+                    step()
+        except Exception as e:  # noqa: BLE001 - reported to the dispatch loop, which stops
+            done.error = e
+        self.events.put(done)
 
     # ------------------------------------------------------------------ flow control and commits
 
     def _flow_control(self, consumer: KafkaConsumer) -> None:
+        owned = consumer.assignment()
         with self._lock:
             full = self.worker.paused() or self.marks.unfinished() >= self.window
-            owned = consumer.assignment()
             want = set(owned) if full else {tp for tp in owned if self.marks.span(tp) >= self.partition_window}
-        pause, resume = want - self.paused, (self.paused & owned) - want
-        if pause:
-            consumer.pause(*pause)
-        if resume:
-            consumer.resume(*resume)
-            unpark_resumed_fetches(consumer, resume)
-        self.paused = want
+        paused = consumer.paused()
+        if want - paused:
+            consumer.pause(*(want - paused))
+        if paused - want:
+            consumer.resume(*(paused - want))
+            unpark_resumed_fetches(consumer, paused - want)
 
     def _commit(self, consumer: KafkaConsumer) -> None:
         with self._lock:
@@ -506,13 +530,14 @@ class ContinuousDispatch:
         with self._lock:
             self.marks.committed(offsets)
 
-    def _gauges(self) -> None:
+    def _gauges(self, consumer: KafkaConsumer) -> None:
         m, role = self.worker.metrics, self.worker.role
+        m.paused_partitions.labels(role).set(len(consumer.paused()))
         with self._lock:
             m.llm_in_flight.labels(role).set(len(self.in_flight))
             m.llm_limit.labels(role).set(self.limit.limit)
             m.llm_queued.labels(role).set(len(self.arrived) + len(self.ready) + len(self.timers))
-            m.paused_partitions.labels(role).set(len(self.paused))
+            m.state_errors.labels(role).set(sum(self.worker.state.errors.values()))
             m.watermark_lag.labels(role).set(self.marks.lag())
 
     # ------------------------------------------------------------------ rebalance and stop

@@ -128,8 +128,11 @@ class LLMWorker(Worker):
         """The batch barrier (``llm.dispatch: batch``): every call of the batch before it returns."""
         admission = self.admit(records)
         res = admission.result
-        for job, outcome in zip(admission.calls, self.pool.map(self._call, admission.calls), strict=True):
-            res.extend(self.settle_call(job, outcome))
+        try:
+            for job, outcome in zip(admission.calls, self.pool.map(self._call, admission.calls), strict=True):
+                res.extend(self.settle_call(job, outcome))
+        finally:  # settled, or failed with the batch (processed again record by record)
+            self._calling.difference_update(job.item.event.id for job in admission.calls if not job.audit)
         self.control()
         return res
 
@@ -177,7 +180,6 @@ class LLMWorker(Worker):
             rec, d = items[i]
             if take.allowed:
                 adm.calls.append(Job(rec, d))
-                self._calling.add(i)
                 continue
             self.metrics.budget_exhausted.labels(self.role).inc()
             if self.config.budget.on_exhausted == "hold":
@@ -190,6 +192,8 @@ class LLMWorker(Worker):
         adm.calls.extend(Job(rec, d, audit=True) for (rec, d), take in zip(audits.values(), audit_takes, strict=True)
                          if take.allowed)
         self._emit(res, [(dec, *items[dec.event_id]) for dec in decided], keys)
+        # Last, so an admission that raised (and is retried record by record) marked nothing.
+        self._calling.update(job.item.event.id for job in adm.calls if not job.audit)
         return adm
 
     def drop_call(self, job: Job) -> None:
