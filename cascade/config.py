@@ -265,6 +265,13 @@ class LLMConfig(_Section):
     max_retries: int = Field(5, ge=0)
     retry_backoff_s: float = Field(0.5, gt=0)
     concurrency: int = Field(8, gt=0)
+    # How the LLM worker feeds its slots: "continuous" starts a call whenever a slot frees and
+    # commits per-partition watermarks (workers/dispatch.py); "batch" waits for a whole polled
+    # batch (the old barrier, kept as the comparison baseline).
+    dispatch: Literal["continuous", "batch"] = "continuous"
+    window: int = Field(512, gt=0, description="continuous: admitted records (queued + in flight) before pausing")
+    partition_window: int = Field(256, gt=0, description="continuous: offsets past a partition's watermark before pausing it")
+    commit_interval_s: float = Field(1.0, gt=0, description="continuous: seconds between watermark commits")
     # backend "openai": any OpenAI-compatible chat-completions server (OpenAI, vLLM, TGI, Ollama,
     # llama.cpp). The key comes from api_key (env CASCADE_LLM__API_KEY), else the environment
     # variable named by api_key_env, else api_key_file; it is never logged nor written out.

@@ -509,3 +509,33 @@ def consumer_lag(
 
 def total_lag(lag: Mapping[TopicPartition, int]) -> int:
     return sum(lag.values())
+
+
+def commit_offsets(
+    consumer: KafkaConsumer, offsets: Mapping[TopicPartition, int], *, timeout_ms: int | None = 10_000
+) -> None:
+    """Synchronously commit these next-offsets (the continuous LLM dispatch's watermarks)."""
+    if offsets:
+        consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}, timeout_ms=timeout_ms)
+
+
+def unpark_resumed_fetches(consumer: KafkaConsumer, partitions: Iterable[TopicPartition]) -> None:
+    """Drop the fetched data kafka-python 3.0.x parked for ``partitions`` while they were paused.
+
+    Its fetcher parks a paused partition's fetched records and sends no new fetch for a partition
+    with parked data; after ``resume()`` it hands back at most one parked partition per poll and
+    only when nothing else is in line, so under steady traffic a resumed partition could stay
+    starved. The parked records were never returned (the position did not move past them), so
+    dropping them just makes the next fetch read them again.
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    completed = getattr(fetcher, "_paused_completed_fetches", None)
+    parsed = getattr(fetcher, "_paused_partition_records", None)
+    if not isinstance(completed, dict) or not isinstance(parsed, dict):
+        log.warning("kafka.unpark_unavailable", reason="kafka-python internals changed")
+        return
+    for tp in partitions:
+        completed.pop(tp, None)
+        records = parsed.pop(tp, None)
+        if records is not None:
+            records.drain()

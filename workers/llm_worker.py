@@ -10,24 +10,25 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
+from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import ValidationError
 
 from cascade.config import CascadeConfig
 from cascade.contract.runtime import Audit, Contract
 from cascade.logging import get_logger
-from cascade.messages import Decision, Deferred, Demonstration, LLMAnswer
+from cascade.messages import Decision, Deferred, LLMAnswer
 from cascade.routing.build import initial_params
 from cascade.routing.steps import LLMStep, price_deferral
 from cascade.state import cacheable
 from cascade.state.keys import cache_keys
 from cascade.task import Task
 from cascade.tiers.llm import CIRCUIT_OPEN, LLMError, call_with_retries, make_backend
+from workers.dispatch import Admission, ContinuousDispatch, Job
 from workers.kafka_io import OutRecord
-from workers.loop import BatchResult, Worker, dead_letter
+from workers.loop import BatchResult, Driver, Worker, dead_letter
 from workers.observability import UnmappedWatch
 from workers.output import decision_records
 from workers.topics import Topics
@@ -51,6 +52,7 @@ class LLMWorker(Worker):
         self.hold_until = 0.0
         self.unmapped = UnmappedWatch()
         self.contract = Contract(config, [t.name for t in config.tiers]) if config.contract_on else None
+        self._calling: set[str] = set()  # event ids with a call admitted and not settled yet
 
     def _window_left(self, window: str | None) -> float:
         """Seconds until the named budget window rolls over (windows align to the epoch); at most 5 s
@@ -61,17 +63,26 @@ class LLMWorker(Worker):
     def paused(self) -> bool:
         return time.time() < self.hold_until
 
-    def _call(self, d: Deferred) -> LLMAnswer | LLMError:
+    def call_once(self, job: Job) -> LLMAnswer | LLMError:
+        """One attempt at a job's call (continuous dispatch retries on its timers)."""
+        try:
+            [answer] = self.backend.answer([job.item.event])
+            return answer
+        except LLMError as e:
+            return e
+
+    def _call(self, job: Job) -> LLMAnswer | LLMError:
+        """A job's call with its retries, backoff slept in the calling thread (batch dispatch)."""
         def retry(attempt: int, err: LLMError) -> None:
             self.metrics.llm_retries.labels(self.role).inc()
-            log.warning("llm_retry", event_id=d.event.id, attempt=attempt + 1, reason=err.reason)
+            log.warning("llm_retry", event_id=job.item.event.id, attempt=attempt + 1, reason=err.reason)
 
         try:
             [answer] = call_with_retries(
-                lambda: self.backend.answer([d.event]), self.config.llm.max_retries,
+                lambda: self.backend.answer([job.item.event]), self.config.llm.max_retries,
                 self.config.llm.retry_backoff_s, self.rng, on_retry=retry,
                 # An open circuit is not waited out here (a batch could outlast the poll interval):
-                # the event is held on the LLM topic instead, see process().
+                # the event is held on the LLM topic instead, see settle_call().
                 retry_if=lambda e: e.retryable and e.reason != CIRCUIT_OPEN,
             )
             return answer
@@ -85,32 +96,6 @@ class LLMWorker(Worker):
                         labels=self.task.labels, llm=self.config.llm.name,
                         hint="check task.labels and task.label_aliases against what the LLM answers")
         self.metrics.llm_unmapped_ratio.labels(self.role).set(self.unmapped.ratio)
-
-    def _audit(self, received: Iterable[Deferred], allowed: list[Deferred]) -> list[Demonstration]:
-        """Ask the LLM about the audits the budget allowed; their answers are demonstrations and
-        measurements of the tier that answered, never decisions."""
-        if self.contract is None:
-            return []
-        for d in received:  # the tallies count whether or not the audit itself is made
-            if d.tally is not None:
-                self.contract.record_tally(d.tally)
-        demos = []
-        for d, ans in zip(allowed, self.pool.map(self._call, allowed), strict=True):
-            if isinstance(ans, LLMError):
-                self.step.refund()  # a lost measurement; the event's decision stands
-                log.warning("audit_failed", event_id=d.event.id, reason=ans.reason)
-                continue
-            self.metrics.llm_calls.labels(self.role).inc()
-            self.metrics.audit_calls.labels(self.role).inc()
-            self.metrics.llm_spend.labels(self.role).inc(ans.cost)
-            _, demo = self.step.settle(d, ans)
-            if demo is None:
-                continue
-            demos.append(demo)
-            out = d.outputs[-1]
-            if out.p_agree is not None:
-                self.contract.record_audit(Audit(out.tier, out.label(self.task.labels), out.p_agree), demo.llm_label)
-        return demos
 
     def _control(self) -> None:
         """The controller's new thresholds into the live parameters, and the contract's gauges."""
@@ -129,10 +114,35 @@ class LLMWorker(Worker):
             m.agreement_lower_bound.labels(self.role, scope).set(bound)
         m.budget_binding.labels(self.role).set(float(bool(self.contract.last and self.contract.last.budget_binding)))
 
+    def driver(self, producer: KafkaProducer) -> Driver | None:
+        if self.config.llm.dispatch == "batch":
+            return None
+        return ContinuousDispatch(self, producer)
+
+    def control(self) -> None:
+        """Now and then (each batch, or each commit of continuous dispatch): the contract's control."""
+        if self.contract is not None:
+            self._control()
+
     def process_batch(self, records: list[ConsumerRecord]) -> BatchResult:
-        res = BatchResult()
+        """The batch barrier (``llm.dispatch: batch``): every call of the batch before it returns."""
+        admission = self.admit(records)
+        res = admission.result
+        try:
+            for job, outcome in zip(admission.calls, self.pool.map(self._call, admission.calls), strict=True):
+                res.extend(self.settle_call(job, outcome))
+        finally:  # settled, or failed with the batch (processed again record by record)
+            self._calling.difference_update(job.item.event.id for job in admission.calls if not job.audit)
+        self.control()
+        return res
+
+    def admit(self, records: list[ConsumerRecord]) -> Admission:
+        """Parse, drop duplicates (decided, being decided or being called), answer from the cache,
+        and take the budget: the calls to make, and the outputs of the records settled at once."""
+        adm = Admission()
+        res = adm.result
         items: dict[str, tuple[ConsumerRecord, Deferred]] = {}
-        audits: dict[str, Deferred] = {}  # decided by their tier already: not subject to idempotency
+        audits: dict[str, tuple[ConsumerRecord, Deferred]] = {}  # decided by their tier already: not subject to idempotency
         for rec in records:
             try:
                 d = Deferred.model_validate_json(rec.value)
@@ -143,15 +153,16 @@ class LLMWorker(Worker):
             if d.audit:
                 # Audits from tier workers of a contract since switched off: nothing to measure.
                 if self.contract is not None:
-                    audits.setdefault(d.event.id, d)
-            else:
+                    audits.setdefault(d.event.id, (rec, d))
+                    if d.tally is not None:  # the tallies count whether or not the audit itself is made
+                        self.contract.record_tally(d.tally)
+            elif d.event.id not in self._calling:
                 items.setdefault(d.event.id, (rec, d))
         ids = list(items)
         keys = dict(zip(ids, cache_keys(self.task.name, self.task.labels, [items[i][1].event.text for i in ids])))
         fresh = self.undecided_with_cache(ids, list(keys.values()))
         self.metrics.duplicates.labels(self.role).inc(len(records) - len(audits) - len(fresh))
         decided: list[Decision] = []
-        demos: list[Demonstration] = []
         to_call: list[str] = []
         for i, hit in fresh:
             if hit is not None:
@@ -165,65 +176,92 @@ class LLMWorker(Worker):
         takes = takes[: len(to_call)]
         for window, left in (takes[-1].remaining if takes else {}).items():
             self.metrics.budget_remaining.labels(self.role, window).set(left)
-        allowed = []
         for i, take in zip(to_call, takes):
-            if take.allowed:
-                allowed.append(i)
-                continue
             rec, d = items[i]
+            if take.allowed:
+                adm.calls.append(Job(rec, d))
+                continue
             self.metrics.budget_exhausted.labels(self.role).inc()
             if self.config.budget.on_exhausted == "hold":
-                # Back onto the LLM topic (committed with the batch, so never lost), and stop
-                # fetching until the exhausted window has rolled over.
+                # Back onto the LLM topic (committed after it is acknowledged, so never lost), and
+                # stop fetching until the exhausted window has rolled over.
                 res.records.append(OutRecord(self.topics.llm, rec.key, rec.value))
                 self.hold_until = max(self.hold_until, time.time() + self._window_left(take.reason))
             else:
                 decided.append(self.step.exhausted(d))
-        audited = [d for d, take in zip(audits.values(), audit_takes, strict=True) if take.allowed]
-        answers = list(self.pool.map(lambda i: self._call(items[i][1]), allowed))
-        demos.extend(self._audit(audits.values(), audited))
-        for i, ans in zip(allowed, answers):
-            rec, d = items[i]
-            if isinstance(ans, LLMError):
-                self.step.refund()  # the call never succeeded
-                if ans.reason == CIRCUIT_OPEN and d.llm_holds < self.config.llm.max_retries:
-                    # Held: back onto the LLM topic with its count, and no fetching until the
-                    # circuit half-opens. After max_retries holds it is dead-lettered below.
-                    held = d.model_copy(update={"llm_holds": d.llm_holds + 1})
-                    res.records.append(OutRecord(self.topics.llm, rec.key, held.model_dump_json().encode()))
-                    self.hold_until = max(self.hold_until, time.time() + (ans.retry_after_s or 1.0))
-                    self.metrics.llm_retries.labels(self.role).inc()
-                    continue
-                res.records.append(dead_letter(self.topics, self.role, rec, f"llm_{ans.reason}", str(ans)))
-                self.metrics.dead_letters.labels(self.role, f"llm_{ans.reason}").inc()
-                log.error("llm_failed", event_id=i, reason=ans.reason)
-                continue
-            self.metrics.llm_calls.labels(self.role).inc()
-            self.metrics.llm_spend.labels(self.role).inc(ans.cost)
-            self._watch_mapping(ans)
-            decision, demo = self.step.settle(d, ans)
-            decided.append(decision)
-            if demo is not None:
-                demos.append(demo)
+        adm.calls.extend(Job(rec, d, audit=True) for (rec, d), take in zip(audits.values(), audit_takes, strict=True)
+                         if take.allowed)
+        self._emit(res, [(dec, *items[dec.event_id]) for dec in decided], keys)
+        # Last, so an admission that raised (and is retried record by record) marked nothing.
+        self._calling.update(job.item.event.id for job in adm.calls if not job.audit)
+        return adm
+
+    def drop_call(self, job: Job) -> None:
+        """A call taken from the budget that will not be settled here (its partition moved on)."""
+        self.step.refund()
+        self._calling.discard(job.item.event.id)
+
+    def settle_call(self, job: Job, outcome: LLMAnswer | LLMError) -> BatchResult:
+        """A call's final outcome as outputs: the decision and demonstration, a hold back onto
+        the LLM topic (open circuit), or a dead letter."""
+        res = BatchResult()
+        rec, d = job.record, job.item
+        if not job.audit:
+            self._calling.discard(d.event.id)  # after _emit below marks it deciding, if it is
+        if isinstance(outcome, LLMError):
+            self.step.refund()  # the call never succeeded
+            if job.audit:
+                log.warning("audit_failed", event_id=d.event.id, reason=outcome.reason)  # the decision stands
+            elif outcome.reason == CIRCUIT_OPEN and d.llm_holds < self.config.llm.max_retries:
+                # Held: back onto the LLM topic with its count, and no fetching until the
+                # circuit half-opens. After max_retries holds it is dead-lettered below.
+                held = d.model_copy(update={"llm_holds": d.llm_holds + 1})
+                res.records.append(OutRecord(self.topics.llm, rec.key, held.model_dump_json().encode()))
+                self.hold_until = max(self.hold_until, time.time() + (outcome.retry_after_s or 1.0))
+                self.metrics.llm_retries.labels(self.role).inc()
+            else:
+                res.records.append(dead_letter(self.topics, self.role, rec, f"llm_{outcome.reason}", str(outcome)))
+                self.metrics.dead_letters.labels(self.role, f"llm_{outcome.reason}").inc()
+                log.error("llm_failed", event_id=d.event.id, reason=outcome.reason)
+            return res
+        self.metrics.llm_calls.labels(self.role).inc()
+        self.metrics.llm_spend.labels(self.role).inc(outcome.cost)
+        if job.audit:
+            self.metrics.audit_calls.labels(self.role).inc()
+        else:
+            self._watch_mapping(outcome)
+        decision, demo = self.step.settle(d, outcome)
+        if demo is not None:
+            res.records.append(OutRecord(self.topics.demonstrations, demo.event_id.encode(), demo.model_dump_json().encode()))
+        if job.audit:
+            out = d.outputs[-1]
+            if demo is not None and self.contract is not None and out.p_agree is not None:
+                self.contract.record_audit(Audit(out.tier, out.label(self.task.labels), out.p_agree), demo.llm_label)
+            return res
+        [key] = cache_keys(self.task.name, self.task.labels, [d.event.text])
+        self._emit(res, [(decision, rec, d)], {d.event.id: key})
+        return res
+
+    def _emit(self, res: BatchResult, decided: list[tuple[Decision, ConsumerRecord, Deferred]],
+              keys: dict[str, str]) -> None:
+        """Decisions into ``res``: their records, metrics, the contract's count, the idempotency
+        record and the cache entry (once acknowledged)."""
+        if not decided:
+            return
         if self.contract is not None:
-            for dec in decided:
+            for dec, _, _ in decided:
                 self.contract.record(dec)
-            self._control()
         out, refused = decision_records(self.config.output, self.topics, self.role,
-                                        ((dec, items[dec.event_id][1], items[dec.event_id][0]) for dec in decided))
+                                        ((dec, d, rec) for dec, rec, d in decided))
         res.records.extend(out)
         for why, n in refused.items():
             self.metrics.dead_letters.labels(self.role, why).inc(n)
-        for dec in decided:
+        now = time.time()
+        for dec, _, d in decided:
             self.metrics.answered.labels(self.role, dec.tier, dec.reason).inc()
-            if dec.event_id in items:
-                self.metrics.event_latency.labels(self.role).observe(time.time() - items[dec.event_id][1].first_seen)
-        for demo in demos:
-            res.records.append(OutRecord(self.topics.demonstrations, demo.event_id.encode(), demo.model_dump_json().encode()))
-        self.record_decided(res, [d.event_id for d in decided],
-                            [items[d.event_id][1].event.text if d.event_id in items else "" for d in decided])
-        if decided:
-            res.on_ack.append(lambda: self.state.put_decisions(
-                (keys[d.event_id], d) for d in decided if d.event_id in keys and cacheable(d, False)
-            ))
-        return res
+            self.metrics.event_latency.labels(self.role).observe(now - d.first_seen)
+        self.record_decided(res, [dec.event_id for dec, _, _ in decided], [d.event.text for _, _, d in decided])
+        cached = [(keys[dec.event_id], dec) for dec, _, _ in decided if cacheable(dec, False)]
+        if cached:
+            res.on_ack.append(lambda: self.state.put_decisions(cached))
+

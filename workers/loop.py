@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
@@ -56,6 +57,21 @@ class BatchResult:
     on_ack: list[Callable[[], object]] = field(default_factory=list)
     # Run on the worker's thread after ``on_ack``, before the offsets are committed.
     after_produce: list[Callable[[], None]] = field(default_factory=list)
+
+    def extend(self, other: BatchResult) -> None:
+        self.records.extend(other.records)
+        self.on_ack.extend(other.on_ack)
+        self.after_produce.extend(other.after_produce)
+
+
+class Driver(Protocol):
+    """What replaces the batch loop for a worker that brings its own (the LLM worker's
+    continuous dispatch, workers/dispatch.py): its rebalance listener, and its loop."""
+
+    def listener(self) -> ConsumerRebalanceListener: ...
+
+    def serve(self, consumer: KafkaConsumer, max_idle_s: float | None) -> None:
+        """Consume until the worker stops (or idles ``max_idle_s``); commit what it finished."""
 
 
 # A dead letter must fit any producer's max_request_size and the broker's default message size
@@ -202,6 +218,10 @@ class Worker:
     def on_stop(self) -> None:
         """Before the final commit on shutdown (the learner publishes what it learned)."""
 
+    def driver(self, producer: KafkaProducer) -> Driver | None:
+        """A loop of the worker's own instead of the batch loop; None: the batch loop."""
+        return None
+
     def paused(self) -> bool:
         """While True the worker stays in its group but fetches nothing (the LLM worker holding for budget)."""
         return False
@@ -220,9 +240,10 @@ class Worker:
         require_topics(kcfg, [t for t in self.input_topics if t in self.topics.external])
         producer = make_producer(kcfg, client_id=f"{self.group}-producer")
         flow = _Pipeline(self, producer)
+        driver = self.driver(producer)
         consumer = make_consumer(kcfg, self.group, self.input_topics, client_id=f"{self.group}-consumer",
                                  pattern=self.input_pattern,
-                                 listener=_FinishOnRevoke(flow))
+                                 listener=driver.listener() if driver is not None else _FinishOnRevoke(flow))
         flow.consumer = consumer
         lag = LagSampler(self.metrics, kcfg, self.group, self.input_topics)
         # What exists now (modules, clients, the first models) lives as long as the process: out of
@@ -241,7 +262,9 @@ class Worker:
         # leave it deaf to SIGTERM, nor processes it forks later (multiprocessing pools).
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            while not self.stopping:
+            if driver is not None:
+                driver.serve(consumer, max_idle_s)
+            while driver is None and not self.stopping:
                 self.health.beat()
                 self.idle()
                 self.metrics.state_errors.labels(self.role).set(sum(self.state.errors.values()))

@@ -30,6 +30,11 @@ class WorkerMetrics:
         self.llm_calls = Counter("cascade_llm_calls_total", "LLM calls made", ["role"], registry=r)
         self.llm_spend = Counter("cascade_llm_spend_total", "LLM spend in configured cost units", ["role"], registry=r)
         self.llm_retries = Counter("cascade_llm_retries_total", "LLM call retries", ["role"], registry=r)
+        self.llm_in_flight = Gauge("cascade_llm_in_flight", "LLM calls in flight", ["role"], registry=r)
+        self.llm_limit = Gauge("cascade_llm_limit", "LLM in-flight limit (AIMD: halved on 429s)", ["role"], registry=r)
+        self.llm_queued = Gauge("cascade_llm_queued", "Admitted records waiting for a slot or a retry", ["role"], registry=r)
+        self.paused_partitions = Gauge("cascade_paused_partitions", "Input partitions paused by the window", ["role"], registry=r)
+        self.watermark_lag = Gauge("cascade_watermark_lag", "Admitted offsets past the committed watermarks", ["role"], registry=r)
         self.budget_exhausted = Counter("cascade_budget_exhausted_total", "Events refused an LLM call by budget", ["role"], registry=r)
         self.budget_limit = Gauge("cascade_budget_limit", "Configured LLM budget per window", ["role", "window"], registry=r)
         self.budget_remaining = Gauge("cascade_budget_remaining", "LLM budget left in the current window (last take)",

@@ -106,6 +106,11 @@ def call_with_retries(
                 raise
             if on_retry is not None:
                 on_retry(attempt, e)
-            delay = rng.uniform(0, backoff_s * (2**attempt))
-            sleep(max(delay, e.retry_after_s or 0.0))
+            sleep(retry_delay(attempt, backoff_s, rng, e))
             attempt += 1
+
+
+def retry_delay(attempt: int, backoff_s: float, rng: random.Random, error: LLMError) -> float:
+    """Seconds before retry ``attempt`` (0-based): exponential backoff with full jitter, at least
+    the error's ``retry_after_s``."""
+    return max(rng.uniform(0, backoff_s * (2**attempt)), error.retry_after_s or 0.0)
