@@ -60,6 +60,7 @@ log = get_logger("workers.kafka_io")
 
 __all__ = [
     "ConsumerRecord",
+    "Delivery",
     "LagProbe",
     "OutRecord",
     "ProduceError",
@@ -74,8 +75,10 @@ __all__ = [
     "poll_records",
     "produce_and_flush",
     "require_topics",
+    "send_each",
     "topic_partitions",
     "total_lag",
+    "undelivered",
 ]
 
 _TOPIC_ALREADY_EXISTS = TopicAlreadyExistsError.errno
@@ -307,6 +310,45 @@ def await_acks(futures: Sequence[FutureRecordMetadata], *, timeout_s: float = 30
     if failures:
         raise ProduceError(f"{len(failures)} of {len(futures)} records failed: {failures[0]!r}") from failures[0]
     return results
+
+
+class Delivery(NamedTuple):
+    """Records handed to a producer: a future for each of the first ``len(futures)``, and the
+    error that stopped the rest from being sent (None when all were)."""
+
+    records: list[OutRecord]
+    futures: list[FutureRecordMetadata]
+    send_error: BaseException | None
+
+
+def send_each(producer: KafkaProducer, records: Sequence[OutRecord]) -> Delivery:
+    """Hand records to the producer without waiting, stopping at the first that cannot be sent;
+    never raises (see :func:`undelivered`)."""
+    futures = []
+    for r in records:
+        try:
+            futures.append(producer.send(r.topic, value=r.value, key=r.key, headers=r.headers, partition=r.partition))
+        except KafkaError as e:
+            return Delivery(list(records), futures, e)
+    return Delivery(list(records), futures, None)
+
+
+def undelivered(delivery: Delivery, *, timeout_s: float) -> tuple[list[OutRecord], BaseException | None]:
+    """The records of ``delivery`` the broker did not acknowledge (failed or never sent), in
+    order, and the first error. ``timeout_s`` should exceed the producer's delivery timeout, so
+    that the producer itself fails a record before it is given up on here (a record given up on
+    while still in flight could land after it is sent again)."""
+    deadline = time.monotonic() + timeout_s
+    failed: list[OutRecord] = []
+    first: BaseException | None = None
+    for rec, f in zip(delivery.records, delivery.futures):
+        try:
+            f.get(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception as e:  # noqa: BLE001 - any failure of a record leaves it to be sent again
+            failed.append(rec)
+            first = first or e
+    failed.extend(delivery.records[len(delivery.futures):])
+    return failed, first or delivery.send_error
 
 
 def produce_and_flush(

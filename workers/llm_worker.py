@@ -59,7 +59,12 @@ class LLMWorker(Worker):
         return min(5.0, max(0.2, seconds - time.time() % seconds))
 
     def paused(self) -> bool:
-        return time.time() < self.hold_until
+        return time.time() < self.hold_until or self._held_for_loss()
+
+    def _held_for_loss(self, force: bool = False) -> bool:
+        """on_redis_loss fail_closed: no LLM call between a detected loss of the state store (budget
+        counters and idempotency records gone) and the operator's confirmation."""
+        return self._check_loss(force) and self.loss is not None and self.loss.holding
 
     def _call(self, d: Deferred) -> LLMAnswer | LLMError:
         def retry(attempt: int, err: LLMError) -> None:
@@ -131,6 +136,12 @@ class LLMWorker(Worker):
 
     def process_batch(self, records: list[ConsumerRecord]) -> BatchResult:
         res = BatchResult()
+        if self._held_for_loss(force=True):
+            # Back onto the LLM topic (committed with the batch, so never lost); paused() holds
+            # the fetching until the loss is confirmed.
+            res.records.extend(OutRecord(self.topics.llm, rec.key, rec.value) for rec in records)
+            log.debug("llm_held_redis_loss", records=len(records))
+            return res
         items: dict[str, tuple[ConsumerRecord, Deferred]] = {}
         audits: dict[str, Deferred] = {}  # decided by their tier already: not subject to idempotency
         for rec in records:
