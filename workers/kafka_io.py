@@ -346,7 +346,8 @@ def undelivered(delivery: Delivery, *, timeout_s: float) -> tuple[list[OutRecord
             f.get(timeout=max(0.0, deadline - time.monotonic()))
         except Exception as e:  # noqa: BLE001 - any failure of a record leaves it to be sent again
             failed.append(rec)
-            first = first or e
+            # The records of one failed batch share one exception: each raise would lengthen its traceback.
+            first = first or e.with_traceback(None)
     failed.extend(delivery.records[len(delivery.futures):])
     return failed, first or delivery.send_error
 

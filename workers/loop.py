@@ -44,7 +44,7 @@ from workers.kafka_io import (
     undelivered,
 )
 from workers.observability import HealthServer, LagSampler, WorkerMetrics
-from workers.outage import Interrupted, Outage, kafka_retriable, producer_fenced
+from workers.outage import Interrupted, Outage, kafka_retriable, producer_broken, producer_fenced
 from workers.topics import Topics
 
 log = get_logger("cascade.worker")
@@ -371,14 +371,15 @@ class _Pipeline:
         self.producer = make_producer()
         self.consumer: KafkaConsumer | None = None
         self.recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder")  # one thread: batch order
-        self.in_flight: tuple[list[ConsumerRecord], BatchResult, Future[_Undelivered], float] | None = None
+        # The batch's records, its result, its acknowledgement, when it started, the producer it went to.
+        self.in_flight: tuple[list[ConsumerRecord], BatchResult, Future[_Undelivered], float, KafkaProducer] | None = None
         self.uncommitted: list[ConsumerRecord] = []
 
     def start(self, records: list[ConsumerRecord], result: BatchResult) -> None:
         started = time.perf_counter()
         delivery = send_each(self.producer, result.records)
         self.finish()
-        self.in_flight = (records, result, self.recorder.submit(self._acknowledged, delivery, result), started)
+        self.in_flight = (records, result, self.recorder.submit(self._acknowledged, delivery, result), started, self.producer)
 
     @staticmethod
     def _acknowledged(delivery: Delivery, result: BatchResult) -> _Undelivered:
@@ -391,11 +392,11 @@ class _Pipeline:
     def finish(self, commit: bool = True) -> None:
         if self.in_flight is None:
             return
-        records, result, recorded, started = self.in_flight
+        records, result, recorded, started, sent_on = self.in_flight
         self.in_flight = None
         failed, error = recorded.result()
         if failed:  # sent again until acknowledged; nothing of the batch is committed before
-            self._redeliver(failed, error)
+            self._redeliver(failed, error, sent_on)
             for step in result.on_ack:
                 step()
         for step in result.after_produce:
@@ -405,12 +406,15 @@ class _Pipeline:
             self.commit_if_allowed()
         self.worker.metrics.batch_seconds.labels(self.worker.role).observe(time.perf_counter() - started)
 
-    def _redeliver(self, records: list[OutRecord], error: BaseException | None) -> None:
+    def _redeliver(self, records: list[OutRecord], error: BaseException | None, sent_on: KafkaProducer) -> None:
         """Send ``records`` again (only those not acknowledged) until the broker acknowledges them all."""
-        if error is None or not kafka_retriable(error):
+        # Records of a producer replaced since failed with it (aborted, or its fatal state).
+        replaced = sent_on is not self.producer
+        if error is None or not (replaced or kafka_retriable(error) or producer_broken(sent_on)):
             raise ProduceError(f"{len(records)} records failed: {error!r}") from error
         log.warning("produce_failed_resending", role=self.worker.role, records=len(records), error=repr(error)[:300])
-        self._replace_producer_if_needed(error, 0)
+        if not replaced:
+            self._replace_producer_if_needed(error, 0)
         pending = records
 
         def attempt() -> None:
@@ -419,11 +423,14 @@ class _Pipeline:
             if pending:
                 raise ProduceError(f"{len(pending)} records not acknowledged: {err!r}") from err
 
-        self.worker.broker.retry("produce", attempt, kafka_retriable, on_failure=self._replace_producer_if_needed)
+        self.worker.broker.retry("produce", attempt, self._retriable, on_failure=self._replace_producer_if_needed)
+
+    def _retriable(self, error: BaseException) -> bool:
+        return kafka_retriable(error) or producer_broken(self.producer)
 
     def _replace_producer_if_needed(self, error: BaseException, attempt: int) -> None:
-        """A fenced producer (a restarted broker forgot its id) or one failing for a while is replaced."""
-        fenced = producer_fenced(error)
+        """A fenced or broken producer (a restarted broker forgot its id) or one failing for a while is replaced."""
+        fenced = producer_fenced(error) or producer_broken(self.producer)
         if not fenced and (attempt + 1) % _RECREATE_PRODUCER_EVERY:
             return
         old = self.producer

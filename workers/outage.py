@@ -55,6 +55,15 @@ def producer_fenced(e: BaseException) -> bool:
     return any(isinstance(c, PRODUCER_FENCED) for c in causes(e))
 
 
+def producer_broken(producer: object) -> bool:
+    """Whether an idempotent producer is in its fatal state, where every send fails: e.g. a broker
+    restarted from memory answered its InitProducerId with UnknownError. kafka-python reports that
+    as a plain ``KafkaError``, so the state is read from the producer's transaction manager."""
+    manager = getattr(producer, "_transaction_manager", None)
+    has_fatal = getattr(manager, "has_fatal_error", None)
+    return bool(has_fatal()) if callable(has_fatal) else False
+
+
 def kafka_retriable(e: BaseException) -> bool:
     """Whether waiting can fix ``e``: kafka-python marks such errors ``retriable`` (timeouts, lost
     connections, no coordinator or leader); a fenced producer is fixed by a new one."""
