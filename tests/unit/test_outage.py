@@ -15,7 +15,7 @@ from kafka.errors import (
 )
 
 from workers.kafka_io import ProduceError
-from workers.outage import Backoff, Interrupted, Outage, OutageTimeout, kafka_retriable, producer_fenced
+from workers.outage import Backoff, Interrupted, Outage, OutageTimeout, kafka_retriable, producer_broken, producer_fenced
 
 
 class FakeClock:
@@ -134,3 +134,20 @@ def test_a_custom_predicate_retries_state_unavailable_only():
     assert o.retry("process", fn, lambda e: isinstance(e, StateUnavailable)) == "ok"
     with pytest.raises(KafkaTimeoutError):
         o.retry("process", failing([KafkaTimeoutError()]), lambda e: isinstance(e, StateUnavailable))
+
+
+def test_a_producer_in_its_fatal_state_is_broken():
+    class Manager:
+        def __init__(self, fatal: bool) -> None:
+            self.fatal = fatal
+
+        def has_fatal_error(self) -> bool:
+            return self.fatal
+
+    class Producer:
+        def __init__(self, manager: object) -> None:
+            self._transaction_manager = manager
+
+    assert producer_broken(Producer(Manager(True)))
+    assert not producer_broken(Producer(Manager(False)))
+    assert not producer_broken(Producer(None))  # not idempotent: no manager, never "broken"
