@@ -15,7 +15,15 @@ from kafka.errors import (
 )
 
 from workers.kafka_io import ProduceError
-from workers.outage import Backoff, Interrupted, Outage, OutageTimeout, kafka_retriable, producer_broken, producer_fenced
+from workers.outage import (
+    Backoff,
+    Interrupted,
+    Outage,
+    OutageTimeout,
+    kafka_retriable,
+    producer_broken,
+    producer_fenced,
+)
 
 
 class FakeClock:
