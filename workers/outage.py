@@ -20,6 +20,7 @@ from kafka.errors import (
     IllegalStateError,
     InvalidProducerEpochError,
     KafkaConnectionError,
+    KafkaError,
     OutOfOrderSequenceNumberError,
     ProducerFencedError,
     UnknownProducerIdError,
@@ -52,7 +53,10 @@ def causes(e: BaseException) -> list[BaseException]:
 
 
 def producer_fenced(e: BaseException) -> bool:
-    return any(isinstance(c, PRODUCER_FENCED) for c in causes(e))
+    # A bare KafkaError is how kafka-python reports a producer it gave up on (e.g. "Unexpected
+    # error in InitProducerIdResponse" from a broker restarted from memory); errors of a record
+    # itself (too large, invalid) have classes of their own.
+    return any(isinstance(c, PRODUCER_FENCED) or type(c) is KafkaError for c in causes(e))
 
 
 def producer_broken(producer: object) -> bool:

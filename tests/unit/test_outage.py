@@ -8,6 +8,7 @@ import pytest
 from kafka.errors import (
     CommitFailedError,
     KafkaConnectionError,
+    KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumberError,
@@ -113,6 +114,9 @@ def test_a_fenced_producer_is_retriable_and_on_failure_sees_each_attempt():
     o.retry("produce", fn, kafka_retriable, on_failure=lambda e, n: seen.append((type(e.__cause__).__name__, n)))
     assert seen == [("UnknownProducerIdError", 0), ("OutOfOrderSequenceNumberError", 1)]
     assert producer_fenced(wrapped(UnknownProducerIdError()))
+    assert producer_fenced(wrapped(KafkaError("Unexpected error in InitProducerIdResponse: [Error -1] UnknownError")))
+    assert kafka_retriable(wrapped(KafkaError("Unexpected error in InitProducerIdResponse")))
+    assert not producer_fenced(wrapped(MessageSizeTooLargeError()))
     assert not producer_fenced(wrapped(KafkaTimeoutError()))
 
 
