@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=3000)
     ap.add_argument("--rate", type=float, default=100.0, help="events per second fed")
     ap.add_argument("--scenario", action="append", choices=SCENARIOS)
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all decisions after the fault")
     ap.add_argument("--run-dir", type=Path, default=Path("/tmp/cascade-faults"))
     args = ap.parse_args()
     rows = read_stream(args.data, shuffle_seed=0, limit=args.events)
@@ -35,7 +36,7 @@ def main() -> None:
     labels = sorted(labels_of(rows))
     results = []
     for s in args.scenario or [s for s in SCENARIOS if s != "none"]:
-        r = run_scenario(s, payloads, labels, LLM, args.run_dir / s, rate=args.rate, timeout_s=300)
+        r = run_scenario(s, payloads, labels, LLM, args.run_dir / s, rate=args.rate, timeout_s=args.timeout)
         results.append(r.row())
         print(json.dumps(results[-1] | {"exits": r.worker_exits}), flush=True)
     print("| " + " | ".join(COLUMNS) + " |")
