@@ -29,7 +29,7 @@ def test_a_broker_frozen_15s_is_waited_out(tmp_path):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "flaky with Tansu's memory storage: one run of four left 49 of 600 undecided (no exit). Likely cause, "
+    "flaky with Tansu's memory storage: the second of two runs left 49 of 600 undecided (no exit). Likely cause, "
     "not yet verified: a worker commits, on the new empty broker, offsets of batches it finished before "
     "the restart, so its group skips that many records of the re-created topic (e.g. new deferrals on the "
     "LLM topic). A broker that keeps its data has no such gap."))
