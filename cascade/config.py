@@ -323,6 +323,9 @@ class KafkaConfig(_Section):
     heartbeat_interval_ms: int = Field(1000, gt=0)
     max_poll_records: int = Field(256, gt=0)
     max_event_bytes: int = Field(100_000, gt=0)
+    # A broker outage (timeouts, lost connections, a fenced producer) is waited out this long, not
+    # ready meanwhile; then the worker exits with code 3 for its supervisor to restart it.
+    outage_timeout_s: float = Field(300.0, gt=0, description="how long a worker waits out a broker outage")
     # Attaching to a real stream: the first tier reads these existing topics (or every topic the
     # pattern matches) instead of {topic_prefix}events; they are never created by the system.
     input_topics: list[str] = Field(
@@ -403,6 +406,13 @@ class StateConfig(_Section):
     cache_cheap_answers: bool = False
     idempotency_ttl_s: int = Field(7 * 24 * 3600, gt=0)
     registry_keep: int = Field(5, gt=0, description="model versions kept per tier")
+    # Redis found emptied (its pipeline marker gone while offsets are committed): idempotency records
+    # and budget counters are lost. fail_open warns and goes on; fail_closed also holds LLM calls
+    # until an operator runs `cascade state confirm-loss`. See docs/deploy.md.
+    on_redis_loss: Literal["fail_open", "fail_closed"] = "fail_open"
+    # How long a batch that needs the store (a control-plane write) waits for it; then the worker
+    # exits with code 3. The hot path degrades instead (see cascade/state/base.py).
+    outage_timeout_s: float = Field(300.0, gt=0, description="how long a worker waits out a state-store outage")
 
 
 class BudgetConfig(_Section):

@@ -1,4 +1,5 @@
-"""`cascade registry`: what the model registry holds, and an operator's rollback.
+"""Operator commands on the shared state: ``cascade registry`` (what the model registry holds,
+and a rollback) and ``cascade state`` (the pipeline marker that detects an emptied Redis).
 
 ``list`` shows the epoch, the current set and every kept set with the demonstrations and the
 per-partition offsets it includes. ``rollback`` makes a kept set current again (by default the
@@ -17,6 +18,7 @@ from typing import Any
 
 from cascade.config import CascadeConfig
 from cascade.state import RegistrySet, StateStore, StateUnavailable, make_state
+from cascade.state.loss import confirm_loss
 
 Configure = Callable[[argparse.Namespace], CascadeConfig]
 
@@ -34,10 +36,52 @@ def add_registry_commands(sub: Any, configure: Configure) -> None:
     rb.set_defaults(func=lambda args: cmd_rollback(args, configure(args)))
 
 
-def _store(config: CascadeConfig) -> StateStore | None:
+def add_state_commands(sub: Any, configure: Configure) -> None:
+    """Register ``cascade state status|confirm-loss``."""
+    st = sub.add_parser("state", help="the shared state: whether Redis was found emptied, and the operator's confirmation")
+    cmds = st.add_subparsers(dest="state_command", required=True)
+    cmds.add_parser("status", help="the pipeline marker (absent: a new pipeline, or Redis lost its data)").set_defaults(
+        func=lambda args: cmd_state_status(args, configure(args)))
+    cmds.add_parser("confirm-loss", help="acknowledge a Redis that lost its data: workers stop warning, "
+                                         "LLM calls resume (on_redis_loss: fail_closed)").set_defaults(
+        func=lambda args: cmd_confirm_loss(args, configure(args)))
+
+
+def cmd_state_status(args: argparse.Namespace, config: CascadeConfig) -> int:
+    store = _store(config, "state")
+    if store is None:
+        return 2
+    try:
+        marker = store.pipeline_marker()
+    except StateUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"pipeline {config.pipeline}: marker {marker!r}" if marker is not None else
+          f"pipeline {config.pipeline}: no marker (a new pipeline, or the state was lost; see docs/deploy.md)")
+    return 0
+
+
+def cmd_confirm_loss(args: argparse.Namespace, config: CascadeConfig) -> int:
+    store = _store(config, "state")
+    if store is None:
+        return 2
+    try:
+        value = confirm_loss(store)
+    except StateUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"pipeline {config.pipeline}: loss confirmed, marker rewritten ({value})")
+    return 0
+
+
+def _store(config: CascadeConfig, what: str = "registry") -> StateStore | None:
     if config.state.backend != "redis":
-        # The in-process registry lives and dies with the process that publishes to it.
-        print("error: the registry commands need the shared registry (state.backend: redis)", file=sys.stderr)
+        # The in-process state lives and dies with the process that uses it.
+        print(f"error: the {what} commands need the shared state (state.backend: redis)", file=sys.stderr)
         return None
     return make_state(config)
 

@@ -67,18 +67,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _run_worker(worker: Any) -> int:
+    """Run a worker's loop; an outage it gave up waiting out exits with its own code."""
+    from workers.outage import OUTAGE_EXIT_CODE, OutageTimeout
+
+    try:
+        worker.run()
+    except OutageTimeout as e:  # logged already; the supervisor restarts the worker
+        print(f"error: {e}", file=sys.stderr)
+        return OUTAGE_EXIT_CODE
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     config = _config(args)
     _preflight(config, fatal=False)
     if args.tier == "llm":
         from workers.llm_worker import LLMWorker
 
-        LLMWorker(config, metrics_port=args.metrics_port).run()
-    else:
-        from workers.tier_worker import TierWorker
+        return _run_worker(LLMWorker(config, metrics_port=args.metrics_port))
+    from workers.tier_worker import TierWorker
 
-        TierWorker(config, args.tier, metrics_port=args.metrics_port).run()
-    return 0
+    return _run_worker(TierWorker(config, args.tier, metrics_port=args.metrics_port))
 
 
 def cmd_learner(args: argparse.Namespace) -> int:
@@ -86,9 +96,8 @@ def cmd_learner(args: argparse.Namespace) -> int:
 
     config = _config(args)
     _preflight(config, fatal=False)
-    LearnerWorker(config, metrics_port=args.metrics_port, publish_every=args.publish_every,
-                  publish_interval_s=args.publish_interval).run()
-    return 0
+    return _run_worker(LearnerWorker(config, metrics_port=args.metrics_port, publish_every=args.publish_every,
+                                     publish_interval_s=args.publish_interval))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -341,9 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--quiet", action="store_true", help="no progress on stderr")
     rp.set_defaults(func=cmd_replay)
 
-    from workers.admin import add_registry_commands
+    from workers.admin import add_registry_commands, add_state_commands
 
     add_registry_commands(sub, _config)
+    add_state_commands(sub, _config)
     return p
 
 

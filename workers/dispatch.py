@@ -30,18 +30,19 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import TopicPartition
 
 from cascade.logging import get_logger
 from cascade.messages import Deferred, LLMAnswer
 from cascade.tiers.llm import CIRCUIT_OPEN, LLMError, retry_delay
-from workers.kafka_io import await_acks, commit_offsets, poll_records, send_records, unpark_resumed_fetches
-from workers.loop import _REBALANCING, BatchResult
+from workers.kafka_io import Delivery, commit_offsets, poll_records, send_each, undelivered, unpark_resumed_fetches
+from workers.loop import _REBALANCING, ACK_TIMEOUT_S, BatchResult, Pipeline, commit_retriable, state_unavailable
+from workers.outage import Interrupted, OutageTimeout, kafka_retriable
 
 if TYPE_CHECKING:
     from workers.llm_worker import LLMWorker
@@ -267,10 +268,10 @@ class ContinuousDispatch:
 
     ADMIT_GROUP = 32  # records per duplicate check and budget take
 
-    def __init__(self, worker: LLMWorker, producer: KafkaProducer) -> None:
+    def __init__(self, worker: LLMWorker, flow: Pipeline) -> None:
         self.worker = worker
         self.llm: Dispatcher = worker
-        self.producer = producer
+        self.flow = flow  # its producer (re-created when fenced) and its redelivery
         cfg = worker.config.llm
         self.window = cfg.window
         self.partition_window = cfg.partition_window
@@ -286,7 +287,7 @@ class ContinuousDispatch:
         self.ready: deque[Job] = deque()  # admitted, waiting for a slot
         self.timers: RetryTimers[Job] = RetryTimers()
         self.in_flight: set[Job] = set()
-        self.to_record: queue.SimpleQueue[tuple[list[FutureRecordMetadata], _Group]] = queue.SimpleQueue()
+        self.to_record: queue.SimpleQueue[tuple[Delivery, KafkaProducer, _Group]] = queue.SimpleQueue()
         self.unacked = 0  # groups produced, not recorded yet
         self.revoked: set[TopicPartition] = set()  # until the next assignment: nothing of theirs starts
         self.orphans: set[Job] = set()  # in flight when their partition was revoked: dropped on return
@@ -313,18 +314,18 @@ class ContinuousDispatch:
             if now - last_poll >= POLL_INTERVAL_S:
                 last_poll = now
                 w.health.beat()
-                w.idle()
+                w._idle()
                 self._flow_control(consumer)
                 busy = self._busy()
                 room = max(1, self.window - self.marks.unfinished())
-                records = self._rewound(consumer, poll_records(
-                    consumer, timeout_ms=0 if busy else int(POLL_INTERVAL_S * 1000), max_records=room))
+                poll = partial(poll_records, consumer, timeout_ms=0 if busy else int(POLL_INTERVAL_S * 1000),
+                               max_records=room)
+                records = self._rewound(consumer, w.broker.retry("poll", poll, kafka_retriable))
                 if consumer.assignment() != assignment:
                     assignment = set(consumer.assignment())
                     last_work = time.monotonic()
                     log.info("assigned", role=w.role, partitions=len(assignment))
-                if assignment:
-                    w.health.ready = True
+                w.health.ready = w._ready(bool(assignment))
                 if records or busy:
                     last_work = time.monotonic()
                 elif max_idle_s is not None and time.monotonic() - last_work > max_idle_s:
@@ -383,7 +384,10 @@ class ContinuousDispatch:
         """A group whose admission raises is admitted again one record at a time; a record that
         raises alone is dead-lettered."""
         try:
-            return self.llm.admit(records)
+            # A state store away is waited out (the worker not ready meanwhile), not dead-lettered.
+            return self.worker.state_outage.retry("admit", lambda: self.llm.admit(records), state_unavailable)
+        except (OutageTimeout, Interrupted):
+            raise
         except Exception as e:
             if len(records) == 1:
                 return Admission(result=self.worker._failed(records[0], e))
@@ -460,7 +464,10 @@ class ContinuousDispatch:
         else:
             self.limit.succeeded()
         try:
-            result = self.llm.settle_call(job, outcome)
+            result = self.worker.state_outage.retry("settle", lambda: self.llm.settle_call(job, outcome),
+                                                    state_unavailable)
+        except (OutageTimeout, Interrupted):
+            raise
         except Exception as e:  # this event's failure only: dead-lettered, the worker goes on
             self.llm.drop_call(job)
             result = self.worker._failed(job.record, e)
@@ -476,7 +483,8 @@ class ContinuousDispatch:
         group, self.pending = self.pending, _Group(BatchResult(), [])
         if not group.offsets and not group.result.records:
             return
-        self.to_record.put((send_records(self.producer, group.result.records), group))
+        producer = self.flow.producer
+        self.to_record.put((send_each(producer, group.result.records), producer, group))
         self.unacked += 1
         self.recorder.submit(self._record_waiting)
 
@@ -491,11 +499,17 @@ class ContinuousDispatch:
                 break
         if not batch:
             return  # taken by the previous run
-        groups = [g for _, g in batch]
+        groups = [g for _, _, g in batch]
         done = _Recorded(len(groups), [o for g in groups for o in g.offsets],
                          [step for g in groups for step in g.result.after_produce])
         try:
-            await_acks([f for futures, _ in batch for f in futures])
+            # The groups' records are all in flight, so waiting on them one group after another
+            # costs one round trip; what the broker did not acknowledge is sent again (a broker
+            # outage waited out, a fenced producer re-created) before anything is recorded.
+            for delivery, sent_on, _ in batch:
+                failed, error = undelivered(delivery, timeout_s=ACK_TIMEOUT_S)
+                if failed:
+                    self.flow.redeliver(failed, error, sent_on)
             for g in groups:
                 for step in g.result.on_ack:
                     step()
@@ -523,7 +537,7 @@ class ContinuousDispatch:
         if not offsets:
             return
         try:
-            commit_offsets(consumer, offsets)
+            self.worker.broker.retry("commit", lambda: commit_offsets(consumer, offsets), commit_retriable)
         except _REBALANCING as e:
             log.warning("commit_skipped_rebalance", role=self.worker.role, partitions=len(offsets), error=type(e).__name__)
             return

@@ -60,6 +60,7 @@ log = get_logger("workers.kafka_io")
 
 __all__ = [
     "ConsumerRecord",
+    "Delivery",
     "LagProbe",
     "OutRecord",
     "ProduceError",
@@ -74,8 +75,10 @@ __all__ = [
     "poll_records",
     "produce_and_flush",
     "require_topics",
+    "send_each",
     "topic_partitions",
     "total_lag",
+    "undelivered",
 ]
 
 _TOPIC_ALREADY_EXISTS = TopicAlreadyExistsError.errno
@@ -162,6 +165,10 @@ def ensure_topics(
         admin.close()
 
 
+class MissingInputTopics(KafkaError):
+    """A misconfiguration, not an outage: never waited out."""
+
+
 def require_topics(bootstrap: Brokers, names: Sequence[str], *, timeout_s: float = 30.0) -> None:
     """Fail clearly unless every topic of ``names`` exists (the user's input topics: never created)."""
     names = list(dict.fromkeys(names))
@@ -173,7 +180,7 @@ def require_topics(bootstrap: Brokers, names: Sequence[str], *, timeout_s: float
     finally:
         admin.close()
     if missing:
-        raise KafkaError(
+        raise MissingInputTopics(
             f"input topics {missing} do not exist on {client_kwargs(bootstrap)['bootstrap_servers']}; "
             "kafka.input_topics must name existing "
             "topics (the cascade creates only its own, under kafka.topic_prefix)"
@@ -307,6 +314,46 @@ def await_acks(futures: Sequence[FutureRecordMetadata], *, timeout_s: float = 30
     if failures:
         raise ProduceError(f"{len(failures)} of {len(futures)} records failed: {failures[0]!r}") from failures[0]
     return results
+
+
+class Delivery(NamedTuple):
+    """Records handed to a producer: a future for each of the first ``len(futures)``, and the
+    error that stopped the rest from being sent (None when all were)."""
+
+    records: list[OutRecord]
+    futures: list[FutureRecordMetadata]
+    send_error: BaseException | None
+
+
+def send_each(producer: KafkaProducer, records: Sequence[OutRecord]) -> Delivery:
+    """Hand records to the producer without waiting, stopping at the first that cannot be sent;
+    never raises (see :func:`undelivered`)."""
+    futures = []
+    for r in records:
+        try:
+            futures.append(producer.send(r.topic, value=r.value, key=r.key, headers=r.headers, partition=r.partition))
+        except KafkaError as e:
+            return Delivery(list(records), futures, e)
+    return Delivery(list(records), futures, None)
+
+
+def undelivered(delivery: Delivery, *, timeout_s: float) -> tuple[list[OutRecord], BaseException | None]:
+    """The records of ``delivery`` the broker did not acknowledge (failed or never sent), in
+    order, and the first error. ``timeout_s`` should exceed the producer's delivery timeout, so
+    that the producer itself fails a record before it is given up on here (a record given up on
+    while still in flight could land after it is sent again)."""
+    deadline = time.monotonic() + timeout_s
+    failed: list[OutRecord] = []
+    first: BaseException | None = None
+    for rec, f in zip(delivery.records, delivery.futures):
+        try:
+            f.get(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception as e:  # noqa: BLE001 - any failure of a record leaves it to be sent again
+            failed.append(rec)
+            # The records of one failed batch share one exception: each raise would lengthen its traceback.
+            first = first or e.with_traceback(None)
+    failed.extend(delivery.records[len(delivery.futures):])
+    return failed, first or delivery.send_error
 
 
 def produce_and_flush(

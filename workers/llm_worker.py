@@ -12,7 +12,6 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import ValidationError
 
@@ -28,7 +27,7 @@ from cascade.task import Task
 from cascade.tiers.llm import CIRCUIT_OPEN, LLMError, call_with_retries, make_backend
 from workers.dispatch import Admission, ContinuousDispatch, Job
 from workers.kafka_io import OutRecord
-from workers.loop import BatchResult, Driver, Worker, dead_letter
+from workers.loop import BatchResult, Driver, Pipeline, Worker, dead_letter
 from workers.observability import UnmappedWatch
 from workers.output import decision_records
 from workers.topics import Topics
@@ -61,7 +60,12 @@ class LLMWorker(Worker):
         return min(5.0, max(0.2, seconds - time.time() % seconds))
 
     def paused(self) -> bool:
-        return time.time() < self.hold_until
+        return time.time() < self.hold_until or self._held_for_loss()
+
+    def _held_for_loss(self, force: bool = False) -> bool:
+        """on_redis_loss fail_closed: no LLM call between a detected loss of the state store (budget
+        counters and idempotency records gone) and the operator's confirmation."""
+        return self._check_loss(force) and self.loss is not None and self.loss.holding
 
     def call_once(self, job: Job) -> LLMAnswer | LLMError:
         """One attempt at a job's call (continuous dispatch retries on its timers)."""
@@ -114,10 +118,10 @@ class LLMWorker(Worker):
             m.agreement_lower_bound.labels(self.role, scope).set(bound)
         m.budget_binding.labels(self.role).set(float(bool(self.contract.last and self.contract.last.budget_binding)))
 
-    def driver(self, producer: KafkaProducer) -> Driver | None:
+    def driver(self, flow: Pipeline) -> Driver | None:
         if self.config.llm.dispatch == "batch":
             return None
-        return ContinuousDispatch(self, producer)
+        return ContinuousDispatch(self, flow)
 
     def control(self) -> None:
         """Now and then (each batch, or each commit of continuous dispatch): the contract's control."""
@@ -141,6 +145,12 @@ class LLMWorker(Worker):
         and take the budget: the calls to make, and the outputs of the records settled at once."""
         adm = Admission()
         res = adm.result
+        if self._held_for_loss(force=True):
+            # Back onto the LLM topic (committed with the batch, so never lost); paused() holds
+            # the fetching until the loss is confirmed.
+            res.records.extend(OutRecord(self.topics.llm, rec.key, rec.value) for rec in records)
+            log.debug("llm_held_redis_loss", records=len(records))
+            return adm
         items: dict[str, tuple[ConsumerRecord, Deferred]] = {}
         audits: dict[str, tuple[ConsumerRecord, Deferred]] = {}  # decided by their tier already: not subject to idempotency
         for rec in records:

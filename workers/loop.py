@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
@@ -26,20 +27,25 @@ from kafka.structs import TopicPartition
 from cascade.config import CascadeConfig
 from cascade.logging import get_logger
 from cascade.messages import DeadLetter, Decision
-from cascade.state import make_state
+from cascade.state import StateUnavailable, make_state
 from cascade.state.keys import NO_MARK, text_mark
+from cascade.state.loss import LossDetector
 from workers.kafka_io import (
+    Delivery,
+    LagProbe,
     OutRecord,
-    await_acks,
+    ProduceError,
     commit_batch,
     ensure_topics,
     make_consumer,
     make_producer,
     poll_records,
     require_topics,
-    send_records,
+    send_each,
+    undelivered,
 )
 from workers.observability import HealthServer, LagSampler, WorkerMetrics
+from workers.outage import Interrupted, Outage, kafka_retriable, producer_broken, producer_fenced
 from workers.topics import Topics
 
 log = get_logger("cascade.worker")
@@ -47,6 +53,19 @@ log = get_logger("cascade.worker")
 # A commit refused because the group is rebalancing or has moved on without this member.
 _YOUNG_GC_THRESHOLD = 20_000
 _REBALANCING = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
+# Longer than the producer's delivery timeout (30 s): the producer fails a record before it is
+# given up on here, so a record is never sent again while the first send may still land.
+ACK_TIMEOUT_S = 45.0
+# A delivery still failing after this many retries: the producer is re-created (a stuck one).
+_RECREATE_PRODUCER_EVERY = 3
+
+
+def commit_retriable(e: BaseException) -> bool:
+    return not isinstance(e, _REBALANCING) and kafka_retriable(e)
+
+
+def state_unavailable(e: BaseException) -> bool:
+    return isinstance(e, StateUnavailable)
 
 
 @dataclass
@@ -120,6 +139,21 @@ class Worker:
         self.stopping = False
         self.state = make_state(config)
         self._deciding: set[str] = set()  # decided in a batch whose outputs are still in flight
+        self.broker = self._outage("kafka", config.kafka.outage_timeout_s)
+        self.state_outage = self._outage("state", config.state.outage_timeout_s)
+        # Whether the consumer group had committed offsets when the worker started (set by run()).
+        self.fresh_group: bool | None = None
+        self.loss: LossDetector | None = None  # set by run(), once fresh_group is known
+
+    def _outage(self, what: str, timeout_s: float) -> Outage:
+        def changed(active: bool) -> None:
+            self.metrics.outage.labels(self.role, what).set(float(active))
+            if active:
+                self.health.ready = False
+
+        self.metrics.outage.labels(self.role, what).set(0.0)
+        return Outage(what, timeout_s, on_change=changed, beat=self.health.beat, stopping=lambda: self.stopping,
+                      on_retry=lambda op: self.metrics.outage_retries.labels(self.role, what, op).inc())
 
     def undecided(self, ids: Sequence[str]) -> list[str]:
         """The ids with no decision yet: neither recorded in the state store nor in flight."""
@@ -178,6 +212,8 @@ class Worker:
         """
         try:
             return self._attempt(records)
+        except StateUnavailable:
+            raise  # not the events' fault: the batch waits for the store (see run)
         except Exception as e:
             if len(records) == 1:
                 return self._failed(records[0], e)
@@ -186,6 +222,8 @@ class Worker:
         for rec in records:
             try:
                 one = self._attempt([rec])
+            except StateUnavailable:
+                raise
             except Exception as e:
                 one = self._failed(rec, e)
             res.records.extend(one.records)
@@ -215,11 +253,19 @@ class Worker:
     def idle(self) -> None:
         """Between polls: hot-swap models, refresh live parameters."""
 
+    def _idle(self) -> None:
+        self._check_loss()
+        try:
+            self.idle()
+        except StateUnavailable as e:  # the models and parameters in use serve on meanwhile
+            log.debug("idle_state_unavailable", role=self.role, error=str(e))
+
     def on_stop(self) -> None:
         """Before the final commit on shutdown (the learner publishes what it learned)."""
 
-    def driver(self, producer: KafkaProducer) -> Driver | None:
-        """A loop of the worker's own instead of the batch loop; None: the batch loop."""
+    def driver(self, flow: Pipeline) -> Driver | None:
+        """A loop of the worker's own instead of the batch loop (producing through ``flow``, which
+        owns the producer and sends again what the broker did not acknowledge); None: the batch loop."""
         return None
 
     def paused(self) -> bool:
@@ -234,16 +280,39 @@ class Worker:
         log.info("stopping", role=self.role, signal=signal.Signals(signum).name)
         self.stopping = True
 
+    def _group_had_offsets(self) -> bool:
+        with LagProbe(self.config.kafka) as probe:
+            return bool(probe.committed(self.group))
+
+    def _check_loss(self, force: bool = False) -> bool:
+        """Whether the state store was found emptied (and the loss is not yet confirmed)."""
+        if self.loss is None:
+            return False
+        lost = self.loss.check(force)
+        self.metrics.redis_loss.labels(self.role).set(float(lost))
+        return lost
+
+    def _ready(self, assigned: bool) -> bool:
+        return assigned and not self.broker.active and not self.state_outage.active and self.state.available
+
     def run(self, max_idle_s: float | None = None) -> None:
+        """The loop; raises :class:`workers.outage.OutageTimeout` after an outage outlasting its
+        timeout (the worker exits with ``OUTAGE_EXIT_CODE``)."""
         kcfg = self.config.kafka
-        ensure_topics(kcfg, self.topics.all(), kcfg.partitions, kcfg.replication_factor)
-        require_topics(kcfg, [t for t in self.input_topics if t in self.topics.external])
-        producer = make_producer(kcfg, client_id=f"{self.group}-producer")
-        flow = _Pipeline(self, producer)
-        driver = self.driver(producer)
-        consumer = make_consumer(kcfg, self.group, self.input_topics, client_id=f"{self.group}-consumer",
-                                 pattern=self.input_pattern,
-                                 listener=driver.listener() if driver is not None else _FinishOnRevoke(flow))
+        self.broker.retry("topics", lambda: ensure_topics(kcfg, self.topics.all(), kcfg.partitions, kcfg.replication_factor),
+                          kafka_retriable)
+        self.broker.retry("topics", lambda: require_topics(kcfg, [t for t in self.input_topics if t in self.topics.external]),
+                          kafka_retriable)
+        self.fresh_group = not self.broker.retry("group_offsets", self._group_had_offsets, kafka_retriable)
+        self.loss = LossDetector(self.state, self.config.state.on_redis_loss, not self.fresh_group, self.role)
+        self._check_loss(force=True)
+        flow = Pipeline(self, lambda: self.broker.retry(
+            "producer", lambda: make_producer(kcfg, client_id=f"{self.group}-producer"), kafka_retriable))
+        driver = self.driver(flow)
+        listener = driver.listener() if driver is not None else _FinishOnRevoke(flow)
+        consumer = self.broker.retry("consumer", lambda: make_consumer(
+            kcfg, self.group, self.input_topics, client_id=f"{self.group}-consumer", pattern=self.input_pattern,
+            listener=listener), kafka_retriable)
         flow.consumer = consumer
         lag = LagSampler(self.metrics, kcfg, self.group, self.input_topics)
         # What exists now (modules, clients, the first models) lives as long as the process: out of
@@ -266,14 +335,14 @@ class Worker:
                 driver.serve(consumer, max_idle_s)
             while driver is None and not self.stopping:
                 self.health.beat()
-                self.idle()
+                self._idle()
                 self.metrics.state_errors.labels(self.role).set(sum(self.state.errors.values()))
                 flow.commit_if_allowed()
                 if self.paused():
                     consumer.pause(*consumer.assignment())
                 elif consumer.paused():
                     consumer.resume(*consumer.paused())
-                records = poll_records(consumer, timeout_ms=500)
+                records = self.broker.retry("poll", lambda: poll_records(consumer, timeout_ms=500), kafka_retriable)
                 if consumer.assignment() != assignment:
                     # An idle window counts from the last rebalance: a pattern subscription joins
                     # twice (its topics come from a metadata refresh) and a slow join must not
@@ -281,8 +350,7 @@ class Worker:
                     assignment = set(consumer.assignment())
                     last_work = time.monotonic()
                     log.info("assigned", role=self.role, partitions=len(assignment))
-                if assignment:
-                    self.health.ready = True
+                self.health.ready = self._ready(bool(assignment))
                 if not records:
                     flow.finish()
                     if max_idle_s is not None and time.monotonic() - last_work > max_idle_s:
@@ -290,15 +358,18 @@ class Worker:
                     continue
                 last_work = time.monotonic()
                 self.metrics.events_in.labels(self.role).inc(len(records))
-                flow.start(records, self.process(records))
+                flow.start(records, self.state_outage.retry("process", partial(self.process, records), state_unavailable))
             flow.finish()
             self.on_stop()
             flow.commit_if_allowed()
+        except Interrupted as e:
+            # Stopped while waiting out an outage: nothing more is committed; what was not is redelivered.
+            log.warning("stopped_during_outage", role=self.role, error=str(e))
         finally:
             self.health.ready = False
-            consumer.close()  # leaves the group so the partitions move on at once
+            consumer.close(timeout_ms=5000)  # leaves the group so the partitions move on at once
             flow.recorder.shutdown(wait=True)
-            producer.close()
+            flow.producer.close(timeout=5)
             lag.close()
             self.health.close()
             for signum, handler in handlers.items():
@@ -308,7 +379,10 @@ class Worker:
             log.info("stopped", role=self.role)
 
 
-class _Pipeline:
+_Undelivered = tuple[list[OutRecord], BaseException | None]
+
+
+class Pipeline:
     """One batch in flight: batch n's outputs travel to the broker, are acknowledged and recorded
     (its ``on_ack`` steps, on the recorder thread) while batch n+1 is processed.
 
@@ -316,38 +390,79 @@ class _Pipeline:
     and ``after_produce`` steps ran; batches complete in order.
     """
 
-    def __init__(self, worker: Worker, producer: KafkaProducer) -> None:
+    def __init__(self, worker: Worker, make_producer: Callable[[], KafkaProducer]) -> None:
         self.worker = worker
-        self.producer = producer
+        self._make_producer = make_producer
+        self.producer = make_producer()
         self.consumer: KafkaConsumer | None = None
         self.recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder")  # one thread: batch order
-        self.in_flight: tuple[list[ConsumerRecord], BatchResult, Future[None], float] | None = None
+        # The batch's records, its result, its acknowledgement, when it started, the producer it went to.
+        self.in_flight: tuple[list[ConsumerRecord], BatchResult, Future[_Undelivered], float, KafkaProducer] | None = None
         self.uncommitted: list[ConsumerRecord] = []
 
     def start(self, records: list[ConsumerRecord], result: BatchResult) -> None:
         started = time.perf_counter()
-        futures = send_records(self.producer, result.records)
+        delivery = send_each(self.producer, result.records)
         self.finish()
-        self.in_flight = (records, result, self.recorder.submit(self._acknowledged, futures, result), started)
+        self.in_flight = (records, result, self.recorder.submit(self._acknowledged, delivery, result), started, self.producer)
 
     @staticmethod
-    def _acknowledged(futures: list, result: BatchResult) -> None:
-        await_acks(futures)
-        for step in result.on_ack:
-            step()
+    def _acknowledged(delivery: Delivery, result: BatchResult) -> _Undelivered:
+        failed, error = undelivered(delivery, timeout_s=ACK_TIMEOUT_S)
+        if not failed:
+            for step in result.on_ack:
+                step()
+        return failed, error
 
     def finish(self, commit: bool = True) -> None:
         if self.in_flight is None:
             return
-        records, result, recorded, started = self.in_flight
+        records, result, recorded, started, sent_on = self.in_flight
         self.in_flight = None
-        recorded.result()  # re-raises a failed produce: then nothing of the batch is committed
+        failed, error = recorded.result()
+        if failed:  # sent again until acknowledged; nothing of the batch is committed before
+            self.redeliver(failed, error, sent_on)
+            for step in result.on_ack:
+                step()
         for step in result.after_produce:
             step()
         self.uncommitted.extend(records)
         if commit:
             self.commit_if_allowed()
         self.worker.metrics.batch_seconds.labels(self.worker.role).observe(time.perf_counter() - started)
+
+    def redeliver(self, records: list[OutRecord], error: BaseException | None, sent_on: KafkaProducer) -> None:
+        """Send ``records`` again (only those not acknowledged) until the broker acknowledges them all."""
+        # Records of a producer replaced since failed with it (aborted, or its fatal state).
+        replaced = sent_on is not self.producer
+        if error is None or not (replaced or kafka_retriable(error) or producer_broken(sent_on)):
+            raise ProduceError(f"{len(records)} records failed: {error!r}") from error
+        log.warning("produce_failed_resending", role=self.worker.role, records=len(records), error=repr(error)[:300])
+        if not replaced:
+            self._replace_producer_if_needed(error, 0)
+        pending = records
+
+        def attempt() -> None:
+            nonlocal pending
+            pending, err = undelivered(send_each(self.producer, pending), timeout_s=ACK_TIMEOUT_S)
+            if pending:
+                raise ProduceError(f"{len(pending)} records not acknowledged: {err!r}") from err
+
+        self.worker.broker.retry("produce", attempt, self._retriable, on_failure=self._replace_producer_if_needed)
+
+    def _retriable(self, error: BaseException) -> bool:
+        return kafka_retriable(error) or producer_broken(self.producer)
+
+    def _replace_producer_if_needed(self, error: BaseException, attempt: int) -> None:
+        """A fenced or broken producer (a restarted broker forgot its id) or one failing for a while is replaced."""
+        fenced = producer_fenced(error) or producer_broken(self.producer)
+        if not fenced and (attempt + 1) % _RECREATE_PRODUCER_EVERY:
+            return
+        old = self.producer
+        self.producer = self._make_producer()
+        # Its unsent batches are aborted: they belong to batches that are sent again (by finish).
+        old.close(timeout=0)
+        log.warning("producer_recreated", role=self.worker.role, fenced=fenced, error=repr(error)[:300])
 
     def commit_if_allowed(self) -> None:
         if not self.uncommitted or self.consumer is None or not self.worker.should_commit():
@@ -360,8 +475,9 @@ class _Pipeline:
         self.uncommitted = []
         if not mine:
             return
+        consumer = self.consumer
         try:
-            commit_batch(self.consumer, mine)
+            self.worker.broker.retry("commit", lambda: commit_batch(consumer, mine), commit_retriable)
         except _REBALANCING as e:
             # Safe to drop: a later commit on a partition still ours covers these offsets, and
             # whoever re-reads them finds them decided already.
@@ -375,7 +491,7 @@ class _FinishOnRevoke(ConsumerRebalanceListener):
     called (a commit there raises), so the offsets are committed by the loop after the rebalance.
     """
 
-    def __init__(self, flow: _Pipeline) -> None:
+    def __init__(self, flow: Pipeline) -> None:
         self.flow = flow
 
     def on_partitions_revoked(self, revoked: object) -> None:

@@ -41,6 +41,12 @@ class WorkerMetrics:
                                       ["role", "window"], registry=r)
         self.demonstrations = Counter("cascade_demonstrations_learned_total", "Demonstrations learned", ["role"], registry=r)
         self.snapshots = Counter("cascade_snapshots_total", "Snapshots published or loaded", ["role", "name", "op"], registry=r)
+        self.outage = Gauge("cascade_outage", "1 while the worker waits out an outage of 'kafka' or 'state'",
+                            ["role", "what"], registry=r)
+        self.outage_retries = Counter("cascade_outage_retries_total", "Calls retried in an outage",
+                                      ["role", "what", "op"], registry=r)
+        self.redis_loss = Gauge("cascade_redis_loss_detected", "1 while a loss of the state store is detected and "
+                                "not confirmed (cascade state confirm-loss)", ["role"], registry=r)
         self.state_errors = Gauge("cascade_state_errors", "State-store operations failed or skipped in outages", ["role"], registry=r)
         self.batch_seconds = Histogram(
             "cascade_batch_seconds", "Time to process, produce and commit one batch", ["role"], registry=r,

@@ -18,7 +18,7 @@ from cascade.routing.build import build_stage
 from cascade.routing.steps import price_deferral, route_stage
 from cascade.state.keys import cache_keys, text_mark
 from cascade.task import InvalidEvent, Task
-from workers.kafka_io import LagProbe, OutRecord
+from workers.kafka_io import OutRecord
 from workers.loop import BatchResult, Worker, dead_letter
 from workers.observability import FreshGroupWatch
 from workers.output import OutputRefused, decision_records, origin_of, refusal
@@ -42,19 +42,9 @@ class TierWorker(Worker):
         self.first = names.index(tier) == 0
         self.follower = ModelFollower(self.state, self.state, self.stage, on_swap=self._swapped, on_refused=self._refused)
         self._routing_at = 0.0
-        # True when the consumer group had no committed offsets at start (set by run()).
-        self.fresh_group: bool | None = None
         self.fresh_watch = FreshGroupWatch()
         # The contract: this worker audits its answers; the LLM worker estimates and steers.
         self.tally = TierTally(config, tier) if config.contract_on else None
-
-    def run(self, max_idle_s: float | None = None) -> None:
-        try:
-            with LagProbe(self.config.kafka) as probe:
-                self.fresh_group = not probe.committed(self.group)
-        except Exception as e:  # noqa: BLE001 - only a warning depends on it
-            log.warning("group_offsets_unknown", group=self.group, error=str(e))
-        super().run(max_idle_s)
 
     def _swapped(self, name: str, version: int) -> None:
         self.metrics.snapshots.labels(self.role, name, "load").inc()

@@ -306,7 +306,24 @@ class StateStore(ABC):
     def marks(self, ids: Sequence[str]) -> list[str | None]:
         """What each id was claimed with (its text's mark, or ``NO_MARK``); None if never claimed."""
 
+    # ------------------------------------------------------------------ pipeline marker
+
+    @abstractmethod
+    def pipeline_marker(self) -> str | None:
+        """The pipeline's marker (see ``cascade.state.loss``), None if absent. Raises
+        ``StateUnavailable`` when unreachable: an unknown marker is not a missing one."""
+
+    @abstractmethod
+    def mark_pipeline(self, value: str, *, replace: bool = False) -> bool:
+        """Write the marker (only if absent unless ``replace``); whether it was written. Raises
+        ``StateUnavailable`` when unreachable."""
+
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def available(self) -> bool:
+        """False while the store is known to be unreachable."""
+        return True
 
     @abstractmethod
     def ping(self) -> bool: ...

@@ -62,6 +62,8 @@ class KeySpace:
         self.event = prefix + "evt:"
         self.budget = f"{root}budget-shared:{budget_scope}:" if budget_scope else prefix + "budget:"
         self.live_params = prefix + "live_params"
+        # Written when the pipeline first starts; gone while offsets are committed: Redis was emptied.
+        self.marker = prefix + "pipeline"
         self.routing = prefix + "routing"  # hash tier -> RoutingSnapshot JSON
         self.registry_current = prefix + "reg:current"  # hash name -> current version: one poll reads all
         self.registry_channel = prefix + "reg:events"

@@ -98,6 +98,7 @@ class MemoryState(StateStore):
         self._counter = 0
         self._sets: dict[int, RegistrySet] = {}
         self._listeners: list[VersionCallback] = []
+        self._marker: str | None = None
         self._live_params: LiveParams | None = None
         self._routing: dict[str, RoutingSnapshot] = {}
 
@@ -322,6 +323,16 @@ class MemoryState(StateStore):
     def marks(self, ids: Sequence[str]) -> list[str | None]:
         with self._lock:
             return [self._events.get(i) for i in ids]
+
+    def pipeline_marker(self) -> str | None:
+        return self._marker
+
+    def mark_pipeline(self, value: str, *, replace: bool = False) -> bool:
+        with self._lock:
+            if self._marker is not None and not replace:
+                return False
+            self._marker = value
+            return True
 
     def ping(self) -> bool:
         return True

@@ -452,6 +452,15 @@ class RedisState(StateStore):
         missing: list[Reply | None] = [None] * len(ids)
         return _marks(self._call("seen", lambda: self.client.mget(full), missing))
 
+    # ------------------------------------------------------------------ pipeline marker
+
+    def pipeline_marker(self) -> str | None:
+        raw: Reply | None = self._call("pipeline_marker", lambda: self.client.get(self.keys.marker), _RAISE)
+        return None if raw is None else _text(raw)
+
+    def mark_pipeline(self, value: str, *, replace: bool = False) -> bool:
+        return bool(self._call("mark_pipeline", lambda: self.client.set(self.keys.marker, value, nx=not replace), _RAISE))
+
     # ------------------------------------------------------------------ lifecycle
 
     def ping(self) -> bool:
